@@ -1,0 +1,94 @@
+# Shared helpers for the quickstart and test scripts: install and start what is missing.
+# Idempotent: running it again on a prepared machine changes nothing.
+# shellcheck shell=bash
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUN_DIR="$ROOT/.run"
+mkdir -p "$RUN_DIR"
+
+log() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+APT_UPDATED=""
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get to install them"
+  if [ -z "$APT_UPDATED" ]; then
+    log "apt-get update"
+    $SUDO apt-get update -qq
+    APT_UPDATED=1
+  fi
+  log "installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    [ -x "$HOME/.cargo/bin/cargo" ] || {
+      apt_install curl ca-certificates build-essential
+      log "installing the Rust toolchain (rustup)"
+      curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
+    }
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+  fi
+}
+
+# Starts PostgreSQL (installing it when missing) and exports SILVERGUARD_PG_BASE, a URL to the
+# server without a database name. Uses trust auth when the server allows it, otherwise a
+# dedicated role "silverguard" (created once) with a password.
+ensure_postgres() {
+  command -v psql >/dev/null || apt_install postgresql postgresql-client
+  if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    local ver
+    ver=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)
+    [ -n "$ver" ] || { apt_install postgresql; ver=$(ls /etc/postgresql | sort -V | tail -n1); }
+    log "starting PostgreSQL $ver"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start 2>/dev/null \
+      || $SUDO pg_ctlcluster "$ver" main start
+    for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+    pg_isready -q -h 127.0.0.1 -p 5432 || die "PostgreSQL did not start"
+  fi
+  if psql "postgres://postgres@127.0.0.1:5432/postgres" -qtAc 'SELECT 1' >/dev/null 2>&1; then
+    export SILVERGUARD_PG_BASE="postgres://postgres@127.0.0.1:5432"
+  else
+    log "password auth: using role silverguard"
+    $SUDO -u postgres psql -qtAc "DO \$\$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname='silverguard') THEN CREATE ROLE silverguard LOGIN CREATEDB PASSWORD 'silverguard'; END IF; END\$\$" >/dev/null 2>&1 \
+      || runuser -u postgres -- psql -qtAc "DO \$\$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname='silverguard') THEN CREATE ROLE silverguard LOGIN CREATEDB PASSWORD 'silverguard'; END IF; END\$\$" >/dev/null
+    export SILVERGUARD_PG_BASE="postgres://silverguard:silverguard@127.0.0.1:5432"
+    psql "$SILVERGUARD_PG_BASE/postgres" -qtAc 'SELECT 1' >/dev/null || die "cannot log in to PostgreSQL"
+  fi
+}
+
+# Starts a Mosquitto broker from deploy/mosquitto.conf on port $1 (not the stock broker: its
+# settings lose QoS 1 messages for a subscriber that falls behind). Persistence in .run/.
+ensure_broker() {
+  local port=$1
+  command -v mosquitto >/dev/null || apt_install mosquitto
+  command -v mosquitto_pub >/dev/null || apt_install mosquitto-clients
+  local dir="$RUN_DIR/mosquitto-$port"
+  mkdir -p "$dir"
+  if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+    return 0
+  fi
+  sed -e "s|^listener 1883|listener $port 127.0.0.1|" \
+      -e "s|^persistence_location .*|persistence_location $dir/|" \
+      "$ROOT/deploy/mosquitto.conf" > "$dir/mosquitto.conf"
+  printf 'pid_file %s/pid\nlog_dest file %s/mosquitto.log\n' "$dir" "$dir" >> "$dir/mosquitto.conf"
+  # Mosquitto drops privileges to "mosquitto" when started as root.
+  if [ "$(id -u)" -eq 0 ] && id mosquitto >/dev/null 2>&1; then chown -R mosquitto "$dir"; fi
+  log "starting Mosquitto on 127.0.0.1:$port (deploy/mosquitto.conf)"
+  mosquitto -d -c "$dir/mosquitto.conf"
+  for _ in $(seq 1 50); do
+    mosquitto_pub -h 127.0.0.1 -p "$port" -t sg/ping -m x -q 0 2>/dev/null && return 0
+    sleep 0.2
+  done
+  die "Mosquitto did not start on port $port (see $dir/mosquitto.log)"
+}

@@ -1,0 +1,71 @@
+//! HTTP: health, readiness and metrics now; the REST API and console grow here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use deadpool_postgres::Pool;
+
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: Pool,
+    pub metrics: Metrics,
+    /// MQTT connections this instance should hold; fewer means not ready.
+    pub expected_mqtt_connections: i64,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Arc::new(state))
+}
+
+/// Liveness: the process answers. Restarting for a database outage would not help.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: the database answers and every MQTT connection is up.
+async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
+    let db = tokio::time::timeout(Duration::from_secs(2), async {
+        let client = state.pool.get().await.map_err(|e| e.to_string())?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()));
+    let up = state.metrics.ingest.mqtt_connected.get();
+    let mqtt_ok = up >= state.expected_mqtt_connections;
+    let body = serde_json::json!({
+        "database": match &db { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
+        "mqtt_connections_up": up,
+        "mqtt_connections_expected": state.expected_mqtt_connections,
+    });
+    let code = if db.is_ok() && mqtt_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body))
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}

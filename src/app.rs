@@ -1,0 +1,168 @@
+//! `silverguard serve`: wires the stages together and runs them until a shutdown signal.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::ingest::Pipeline;
+use crate::metrics::Metrics;
+use crate::store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on http.addr {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Ingest(#[from] crate::ingest::IngestError),
+}
+
+pub struct Application {
+    listener: TcpListener,
+    settings: Settings,
+    metrics: Metrics,
+    pool: store::PgPool,
+    /// Cancelled by the caller (signal handler, test) to begin a graceful shutdown.
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Binds the HTTP port (port 0 picks a free one, for tests), waits for the database,
+    /// creates it if missing and migrates it.
+    pub async fn build(settings: Settings) -> Result<Application, AppError> {
+        let listener = TcpListener::bind(&settings.http.addr)
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: settings.http.addr.clone(),
+                source,
+            })?;
+        let shutdown = CancellationToken::new();
+        let url = settings.database.url.expose().to_string();
+        let pool = store::build_pool(&settings.database)?;
+        // The database may be created by us, but only once the server answers.
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match store::ensure_database(&url).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(database = %store::describe_url(&url), error = %e,
+                        retry_in_ms = delay.as_millis() as u64, "database unreachable, retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(store::StoreError::Cancelled.into()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        store::wait_for_database(&pool, &url, &shutdown).await?;
+        let applied = store::migrate::run(&pool).await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "migrations applied");
+        }
+        Ok(Application {
+            listener,
+            settings,
+            metrics: Metrics::new(),
+            pool,
+            shutdown,
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled, then stops gracefully.
+    pub async fn run_until_stopped(self) -> Result<(), AppError> {
+        let Application {
+            listener,
+            settings,
+            metrics,
+            pool,
+            shutdown,
+        } = self;
+        let upkeep_cancel = CancellationToken::new();
+        let upkeep = tokio::spawn(run_upkeep(
+            pool.clone(),
+            settings.clone(),
+            upkeep_cancel.clone(),
+        ));
+        // Partitions must exist before the first COPY; do one round now.
+        upkeep_once(&pool, &settings).await;
+
+        let pipeline = Pipeline::start(&settings, pool.clone(), metrics.ingest.clone()).await?;
+
+        let api = crate::api::router(crate::api::ApiState {
+            pool: pool.clone(),
+            metrics: metrics.clone(),
+            expected_mqtt_connections: settings.mqtt.connections as i64,
+        });
+        let http_shutdown = CancellationToken::new();
+        let http = {
+            let token = http_shutdown.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, api)
+                    .with_graceful_shutdown(async move { token.cancelled().await })
+                    .await
+            })
+        };
+        tracing::info!(http = %settings.http.addr, "silverguard serving");
+
+        shutdown.cancelled().await;
+        tracing::info!("shutdown requested");
+        pipeline.shutdown().await;
+        upkeep_cancel.cancel();
+        let _ = upkeep.await;
+        http_shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
+        pool.close();
+        tracing::info!("silverguard stopped");
+        Ok(())
+    }
+}
+
+async fn upkeep_once(pool: &store::PgPool, settings: &Settings) {
+    let behind = (settings.ingest.max_clock_behind.as_secs() / 86_400) as u32 + 1;
+    match store::upkeep(
+        pool,
+        behind,
+        settings.storage.partitions_ahead_days,
+        settings.ingest.rejects_keep_rows,
+    )
+    .await
+    {
+        Ok(Some(created)) if created > 0 => {
+            tracing::info!(created, "heartbeat partitions created")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "storage upkeep failed; will retry"),
+    }
+}
+
+async fn run_upkeep(pool: store::PgPool, settings: Settings, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(settings.storage.upkeep_interval) => {}
+            _ = cancel.cancelled() => return,
+        }
+        upkeep_once(&pool, &settings).await;
+    }
+}

@@ -1,0 +1,514 @@
+//! Settings: a TOML file (`SILVERGUARD_CONFIG`) overlaid with `SILVERGUARD_*` environment
+//! variables, validated once at start so a bad value is reported before anything connects.
+//!
+//! Environment names: the four documented contract variables (`SILVERGUARD_DATABASE_URL`,
+//! `SILVERGUARD_MQTT_URL`, `SILVERGUARD_HTTP_ADDR`, `SILVERGUARD_SMTP_URL`) map to
+//! `database.url`, `mqtt.url`, `http.addr` and `smtp.url`; every other setting is
+//! `SILVERGUARD_<SECTION>__<KEY>` (double underscore), e.g. `SILVERGUARD_INGEST__BATCH_MAX_ROWS`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why the configuration cannot be used; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Shape(Box<toml::de::Error>),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// A string that never prints: passwords, tokens, URLs with credentials.
+#[derive(Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub mqtt: MqttSettings,
+    pub ingest: IngestSettings,
+    pub storage: StorageSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// libpq-style URL, e.g. `postgres://postgres@127.0.0.1:5432/silverguard`.
+    pub url: Secret,
+    /// Connections in the shared pool (events, presence, rejects, upkeep, API).
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: Secret::new("postgres://postgres@127.0.0.1:5432/silverguard"),
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS.
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Stable identity of this instance; connection `i` uses `{client_id}-{i}`. It must be
+    /// stable across restarts, because the broker keeps the persistent session under it.
+    pub client_id: String,
+    /// Parallel MQTT connections of this instance, each with its own in-flight window.
+    /// More than one needs `shared_group`, so the broker splits messages between them.
+    pub connections: usize,
+    /// MQTT 5 receive maximum per connection: how many unacknowledged QoS 1 messages the
+    /// broker may send us. Acks are held until commit, so this bounds throughput.
+    pub receive_maximum: u16,
+    /// Shared subscription group (`$share/<group>/...`); empty for a plain subscription.
+    pub shared_group: String,
+    /// Topic filter to subscribe to. Broader than the device topics on purpose, so that a
+    /// publish outside the scheme is seen, rejected and counted rather than ignored.
+    pub topic_filter: String,
+    /// How long the broker keeps our session (and queues messages) while we are away.
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Largest packet we accept from the broker; larger ones the broker must drop (MQTT 5).
+    pub max_packet_bytes: u32,
+    /// Path of a PEM CA bundle for `mqtts://` (system roots when unset).
+    pub ca_file: Option<String>,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            url: "mqtt://127.0.0.1:1883".into(),
+            username: None,
+            password: None,
+            client_id: default_client_id(),
+            connections: 1,
+            receive_maximum: 1000,
+            // Plain subscription by default: Mosquitto 2.0 does not restore shared
+            // subscriptions from persistence, so a broker restart loses messages for them
+            // (docs/deployment.md). Set a group to split load across instances.
+            shared_group: String::new(),
+            topic_filter: "sg/#".into(),
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
+            keep_alive: Duration::from_secs(30),
+            max_packet_bytes: 1024 * 1024,
+            ca_file: None,
+        }
+    }
+}
+
+fn default_client_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(40)
+        .collect();
+    format!("silverguard-{host}")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSettings {
+    /// A heartbeat batch is written when it has this many rows...
+    pub batch_max_rows: usize,
+    /// ...or when its oldest row has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub batch_max_delay: Duration,
+    /// Parallel COPY writers (each holds one database connection while writing).
+    pub writers: usize,
+    /// Payloads above this size are rejected as `oversized`.
+    pub max_payload_bytes: usize,
+    /// A device timestamp further ahead than this is flagged as clock skew.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_ahead: Duration,
+    /// A device timestamp further behind than this is flagged as clock skew. Bracelets buffer
+    /// readings while out of coverage and upload them later, so this is generous.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_behind: Duration,
+    /// How often the latest vitals and last-seen times are written to `device_latest`.
+    #[serde(with = "humantime_serde")]
+    pub latest_flush_interval: Duration,
+    /// At most this many rows are kept in `ingest_rejects` (oldest trimmed first).
+    pub rejects_keep_rows: i64,
+    /// Raw bytes stored per reject; longer payloads are truncated (their size is kept).
+    pub reject_payload_keep_bytes: usize,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            batch_max_rows: 5000,
+            batch_max_delay: Duration::from_millis(50),
+            writers: 2,
+            max_payload_bytes: 4096,
+            max_clock_ahead: Duration::from_secs(5 * 60),
+            max_clock_behind: Duration::from_secs(7 * 24 * 3600),
+            latest_flush_interval: Duration::from_secs(1),
+            rejects_keep_rows: 100_000,
+            reject_payload_keep_bytes: 2048,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Daily heartbeat partitions are created this many days ahead.
+    pub partitions_ahead_days: u32,
+    /// How often partition upkeep and reject trimming run (once across all instances).
+    #[serde(with = "humantime_serde")]
+    pub upkeep_interval: Duration,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            partitions_ahead_days: 7,
+            upkeep_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub addr: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            addr: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `silverguard=debug,info`; `RUST_LOG` wins.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Human,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Contract variables named in DESIGN.md, and the setting each one sets.
+const CONTRACT_ENV: &[(&str, &str)] = &[
+    ("SILVERGUARD_DATABASE_URL", "database.url"),
+    ("SILVERGUARD_MQTT_URL", "mqtt.url"),
+    ("SILVERGUARD_HTTP_ADDR", "http.addr"),
+    ("SILVERGUARD_SMTP_URL", "smtp.url"),
+];
+
+/// Variables that are read elsewhere and are not settings.
+const NOT_SETTINGS: &[&str] = &["SILVERGUARD_CONFIG", "SILVERGUARD_BIN"];
+
+impl Settings {
+    /// Loads the file (if any), overlays the environment, and validates.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|source| ConfigError::Parse {
+                        path: p.display().to_string(),
+                        source: Box::new(source),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut env: Vec<(String, String)> = env.into_iter().collect();
+        env.sort();
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("SILVERGUARD_") else {
+                continue;
+            };
+            if NOT_SETTINGS.contains(&key.as_str()) {
+                continue;
+            }
+            let path: Vec<String> =
+                if let Some((_, p)) = CONTRACT_ENV.iter().find(|(k, _)| *k == key) {
+                    p.split('.').map(str::to_string).collect()
+                } else if rest.contains("__") {
+                    rest.split("__").map(|s| s.to_ascii_lowercase()).collect()
+                } else {
+                    // Not SECTION__KEY: a variable of some other tool (SILVERGUARD_TEST_*).
+                    continue;
+                };
+            // Sections not built yet (smtp) are accepted and ignored until they exist.
+            if path.first().map(String::as_str) == Some("smtp") {
+                continue;
+            }
+            insert_path(&mut table, &path, env_value(&value));
+        }
+        let settings: Settings = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| ConfigError::Shape(Box::new(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every setting and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.database.url.expose().parse::<tokio_postgres::Config>() {
+            problems.push(format!(
+                "database.url (SILVERGUARD_DATABASE_URL) is not a valid libpq URL: {e}"
+            ));
+        }
+        if self.database.pool_size < 2 {
+            problems.push("database.pool_size must be at least 2".into());
+        }
+        match url::Url::parse(&self.mqtt.url) {
+            Ok(u) if matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") => {
+                if u.host_str().is_none() {
+                    problems.push(format!("mqtt.url {} has no host", self.mqtt.url));
+                }
+            }
+            Ok(u) => problems.push(format!(
+                "mqtt.url (SILVERGUARD_MQTT_URL) must start with mqtt:// or mqtts://, not {}://",
+                u.scheme()
+            )),
+            Err(e) => problems.push(format!(
+                "mqtt.url (SILVERGUARD_MQTT_URL) {:?} is not a URL: {e}",
+                self.mqtt.url
+            )),
+        }
+        if self.mqtt.connections == 0 || self.mqtt.connections > 64 {
+            problems.push("mqtt.connections must be between 1 and 64".into());
+        }
+        if self.mqtt.connections > 1 && self.mqtt.shared_group.is_empty() {
+            problems.push(
+                "mqtt.connections > 1 needs mqtt.shared_group: without a shared subscription \
+                 every connection receives every message"
+                    .into(),
+            );
+        }
+        if self.mqtt.receive_maximum == 0 {
+            problems.push("mqtt.receive_maximum must be at least 1".into());
+        }
+        if self.mqtt.client_id.is_empty() || self.mqtt.client_id.len() > 60 {
+            problems.push("mqtt.client_id must have 1 to 60 characters".into());
+        }
+        if self.mqtt.shared_group.contains(['/', '+', '#']) {
+            problems.push("mqtt.shared_group must not contain '/', '+' or '#'".into());
+        }
+        if self.mqtt.keep_alive < Duration::from_secs(5) {
+            problems.push("mqtt.keep_alive must be at least 5s".into());
+        }
+        if self.ingest.batch_max_rows == 0 {
+            problems.push("ingest.batch_max_rows must be at least 1".into());
+        }
+        if self.ingest.batch_max_delay.is_zero() {
+            problems.push("ingest.batch_max_delay must be more than 0".into());
+        }
+        if self.ingest.writers == 0 || self.ingest.writers > 32 {
+            problems.push("ingest.writers must be between 1 and 32".into());
+        }
+        if self.ingest.max_payload_bytes < 64
+            || self.ingest.max_payload_bytes as u64 > self.mqtt.max_packet_bytes as u64
+        {
+            problems.push(format!(
+                "ingest.max_payload_bytes must be between 64 and mqtt.max_packet_bytes ({})",
+                self.mqtt.max_packet_bytes
+            ));
+        }
+        if self.ingest.rejects_keep_rows < 100 {
+            problems.push("ingest.rejects_keep_rows must be at least 100".into());
+        }
+        if self.database.pool_size < self.ingest.writers + 2 {
+            problems.push(format!(
+                "database.pool_size ({}) must be at least ingest.writers + 2 ({})",
+                self.database.pool_size,
+                self.ingest.writers + 2
+            ));
+        }
+        if self.http.addr.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "http.addr (SILVERGUARD_HTTP_ADDR) {:?} is not host:port (e.g. 127.0.0.1:8080)",
+                self.http.addr
+            ));
+        }
+        if !(1..=60).contains(&self.storage.partitions_ahead_days) {
+            problems.push("storage.partitions_ahead_days must be between 1 and 60".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Environment values are strings; give TOML the type it would have had in the file.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(t) = entry {
+                insert_path(t, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Settings::load_from(None, env(&[])).unwrap();
+    }
+
+    #[test]
+    fn contract_and_nested_env_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sg.toml");
+        std::fs::write(&path, "[ingest]\nbatch_max_rows = 10\nwriters = 3\n").unwrap();
+        let s = Settings::load_from(
+            Some(&path),
+            env(&[
+                ("SILVERGUARD_MQTT_URL", "mqtt://broker:1884"),
+                ("SILVERGUARD_INGEST__BATCH_MAX_ROWS", "77"),
+                ("SILVERGUARD_INGEST__BATCH_MAX_DELAY", "20ms"),
+                ("SILVERGUARD_CONFIG", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.mqtt.url, "mqtt://broker:1884");
+        assert_eq!(s.ingest.batch_max_rows, 77);
+        assert_eq!(s.ingest.writers, 3);
+        assert_eq!(s.ingest.batch_max_delay, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn all_problems_are_reported_by_name() {
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("SILVERGUARD_MQTT_URL", "http://x"),
+                ("SILVERGUARD_HTTP_ADDR", "nowhere"),
+                ("SILVERGUARD_INGEST__WRITERS", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("mqtt.url"), "{err}");
+        assert!(err.contains("http.addr"), "{err}");
+        assert!(err.contains("ingest.writers"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Settings::load_from(None, env(&[("SILVERGUARD_INGEST__BATCH_ROWS", "5")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch_rows"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Settings::default();
+        assert!(!format!("{s:?}").contains("postgres://"));
+    }
+}

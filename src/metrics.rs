@@ -1,0 +1,251 @@
+//! Prometheus metrics for every stage, served at `/metrics`.
+//!
+//! Handles are created once at start (one per label value) and cloned into the stages, so the
+//! hot path only increments atomics. Counters get the `_total` suffix from the encoder; units
+//! are base units (seconds, bytes).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+use crate::ingest::validate::RejectReason;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabel {
+    pub lane: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Per-kind counters: heartbeat, event, presence.
+#[derive(Clone)]
+pub struct PerKind {
+    pub heartbeat: Counter,
+    pub event: Counter,
+    pub presence: Counter,
+}
+
+impl PerKind {
+    fn new(family: &Family<KindLabel, Counter>) -> Self {
+        // One statement each: `get_or_create` returns a read guard, and a second call while
+        // the first guard lives (same statement) would wait forever for the write lock.
+        let counter = |kind| family.get_or_create(&KindLabel { kind }).clone();
+        let heartbeat = counter("heartbeat");
+        let event = counter("event");
+        let presence = counter("presence");
+        PerKind {
+            heartbeat,
+            event,
+            presence,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct IngestMetrics {
+    /// MQTT publishes taken from the broker, before validation.
+    pub received_messages: Counter,
+    pub received_bytes: Counter,
+    pub committed: PerKind,
+    /// Redeliveries (or device resends) that were already stored.
+    pub duplicates: PerKind,
+    rejected: Family<ReasonLabel, Counter>,
+    /// Rejects counted but not stored because the reject lane was full (flood protection).
+    pub rejects_not_stored: Counter,
+    pub clock_skewed: Counter,
+    pub batch_rows: Histogram,
+    commit_seconds: Family<LaneLabel, Histogram, fn() -> Histogram>,
+    /// Device time (or receive time when skewed) to commit.
+    pub lag_seconds: Histogram,
+    /// Broker receive to commit (what the pipeline itself adds).
+    pub pipeline_seconds: Histogram,
+    pub write_errors: Counter,
+    pub mqtt_connected: Gauge,
+    pub mqtt_connection_errors: Counter,
+    pub pending_acks: Gauge,
+    pub acks_sent: Counter,
+}
+
+impl IngestMetrics {
+    pub fn rejected(&self, reason: RejectReason) -> Counter {
+        let counter = self.rejected.get_or_create(&ReasonLabel {
+            reason: reason.as_str(),
+        });
+        counter.clone()
+    }
+
+    pub fn commit_seconds(&self, lane: &'static str) -> Histogram {
+        let histogram = self.commit_seconds.get_or_create(&LaneLabel { lane });
+        histogram.clone()
+    }
+}
+
+/// The registry and every stage's handles.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub ingest: IngestMetrics,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("silverguard");
+        let received_messages = Counter::default();
+        r.register(
+            "ingest_received_messages",
+            "MQTT messages received from the broker",
+            received_messages.clone(),
+        );
+        let received_bytes = Counter::default();
+        r.register(
+            "ingest_received_bytes",
+            "Payload bytes received from the broker",
+            received_bytes.clone(),
+        );
+        let committed = Family::<KindLabel, Counter>::default();
+        r.register(
+            "ingest_committed",
+            "Rows committed, by message kind",
+            committed.clone(),
+        );
+        let duplicates = Family::<KindLabel, Counter>::default();
+        r.register(
+            "ingest_duplicates",
+            "Messages already stored (broker redelivery or device resend), by kind",
+            duplicates.clone(),
+        );
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        for reason in RejectReason::ALL {
+            // Pre-create so every reason shows as 0 before the first reject.
+            let _ = rejected.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            });
+        }
+        r.register(
+            "ingest_rejected",
+            "Messages rejected, by reason",
+            rejected.clone(),
+        );
+        let rejects_not_stored = Counter::default();
+        r.register(
+            "ingest_rejects_not_stored",
+            "Rejects counted but not stored because the reject lane was full",
+            rejects_not_stored.clone(),
+        );
+        let clock_skewed = Counter::default();
+        r.register(
+            "ingest_clock_skewed",
+            "Messages whose device clock was outside tolerance (stored with receive time)",
+            clock_skewed.clone(),
+        );
+        let batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 15));
+        r.register(
+            "ingest_batch_rows",
+            "Heartbeat rows per COPY batch",
+            batch_rows.clone(),
+        );
+        let commit_seconds =
+            Family::<LaneLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        r.register(
+            "ingest_commit_seconds",
+            "Time to commit a write, by lane",
+            commit_seconds.clone(),
+        );
+        let lag_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 16));
+        r.register(
+            "ingest_lag_seconds",
+            "Measurement time on the device to commit",
+            lag_seconds.clone(),
+        );
+        let pipeline_seconds = latency_histogram();
+        r.register(
+            "ingest_pipeline_seconds",
+            "Receipt from the broker to commit",
+            pipeline_seconds.clone(),
+        );
+        let write_errors = Counter::default();
+        r.register(
+            "ingest_write_errors",
+            "Failed database writes (retried)",
+            write_errors.clone(),
+        );
+        let mqtt_connected = Gauge::default();
+        r.register(
+            "mqtt_connections_up",
+            "MQTT connections currently connected",
+            mqtt_connected.clone(),
+        );
+        let mqtt_connection_errors = Counter::default();
+        r.register(
+            "mqtt_connection_errors",
+            "MQTT connection errors (each followed by a reconnect)",
+            mqtt_connection_errors.clone(),
+        );
+        let pending_acks = Gauge::default();
+        r.register(
+            "ingest_pending_acks",
+            "Messages received but not yet acknowledged to the broker",
+            pending_acks.clone(),
+        );
+        let acks_sent = Counter::default();
+        r.register(
+            "ingest_acks_sent",
+            "PUBACKs sent to the broker after commit",
+            acks_sent.clone(),
+        );
+        Metrics {
+            registry: Arc::new(r),
+            ingest: IngestMetrics {
+                received_messages,
+                received_bytes,
+                committed: PerKind::new(&committed),
+                duplicates: PerKind::new(&duplicates),
+                rejected,
+                rejects_not_stored,
+                clock_skewed,
+                batch_rows,
+                commit_seconds,
+                lag_seconds,
+                pipeline_seconds,
+                write_errors,
+                mqtt_connected,
+                mqtt_connection_errors,
+                pending_acks,
+                acks_sent,
+            },
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,381 @@
+//! Test fixtures: a throwaway database, a private broker, the service in-process or as a
+//! child process, and polling with deadlines.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use silverguard::config::{Secret, Settings};
+use tokio_postgres::NoTls;
+
+pub fn pg_base() -> String {
+    std::env::var("SILVERGUARD_TEST_PG_BASE")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{:08x}", rand::random::<u32>())
+}
+
+/// A database created for one test and dropped (with its connections) afterwards.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = unique("sg_test_");
+        let (client, conn) = tokio_postgres::connect(&format!("{}/postgres", pg_base()), NoTls)
+            .await
+            .expect("connect to PostgreSQL (is it running? see scripts/test.sh)");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: format!("{}/{name}", pg_base()),
+            name,
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, NoTls)
+            .await
+            .expect("connect to test database");
+        tokio::spawn(conn);
+        client
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let url = format!("{}/postgres", pg_base());
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&url, NoTls).await.ok()?;
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A private Mosquitto from deploy/mosquitto.conf, on its own port, with its own persistence.
+pub struct TestBroker {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl TestBroker {
+    pub async fn start() -> TestBroker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut broker = TestBroker {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        broker.spawn().await;
+        broker
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let conf_src = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/mosquitto.conf"),
+        )
+        .expect("deploy/mosquitto.conf");
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let conf: String = conf_src
+            .lines()
+            .map(|l| {
+                if l.starts_with("listener ") {
+                    format!("listener {} 127.0.0.1", self.port)
+                } else if l.starts_with("persistence_location") {
+                    format!("persistence_location {}/", self.dir.path().display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .chain([
+                format!("user {user}"),
+                format!("log_dest file {}/mosquitto.log", self.dir.path().display()),
+            ])
+            .collect::<Vec<_>>()
+            .join("\n");
+        let path = self.dir.path().join("mosquitto.conf");
+        std::fs::write(&path, conf).expect("write broker config");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto (is it installed? see scripts/test.sh)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(
+            "broker accepts connections",
+            Duration::from_secs(10),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    /// Stops the broker gracefully (it writes its persistence file) and starts it again on
+    /// the same port with the same persistence.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Settings for a test instance: its database, its broker, a free HTTP port, fast batches.
+pub fn settings(db: &TestDb, broker: &TestBroker) -> Settings {
+    let mut s = Settings::default();
+    s.database.url = Secret::new(db.url.clone());
+    s.mqtt.url = broker.url();
+    s.mqtt.client_id = unique("sgtest-");
+    s.http.addr = "127.0.0.1:0".into();
+    s.ingest.batch_max_delay = Duration::from_millis(20);
+    s.ingest.latest_flush_interval = Duration::from_millis(200);
+    s
+}
+
+/// The service running in this process.
+pub struct RunningApp {
+    pub http: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl RunningApp {
+    pub async fn start(settings: Settings) -> RunningApp {
+        init_test_log();
+        let app = silverguard::app::Application::build(settings)
+            .await
+            .expect("build app");
+        let http = app.http_addr();
+        let shutdown = app.shutdown_token();
+        let handle = tokio::spawn(async move {
+            app.run_until_stopped().await.expect("app run");
+        });
+        let r = RunningApp {
+            http,
+            shutdown,
+            handle,
+        };
+        r.wait_ready().await;
+        r
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.http);
+        wait_until("service ready", Duration::from_secs(20), || {
+            let url = url.clone();
+            async move { http_get(&url).await.map(|(c, _)| c == 200).unwrap_or(false) }
+        })
+        .await;
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
+    }
+}
+
+/// The `silverguard serve` binary as a child process (for kill -9).
+pub struct ServiceProcess {
+    pub child: Child,
+    pub http_port: u16,
+}
+
+impl ServiceProcess {
+    pub fn spawn(db: &TestDb, broker: &TestBroker, client_id: &str) -> ServiceProcess {
+        let http_port = free_port();
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("{client_id}.log")))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_silverguard"))
+            .arg("serve")
+            .env("SILVERGUARD_DATABASE_URL", &db.url)
+            .env("SILVERGUARD_MQTT_URL", broker.url())
+            .env("SILVERGUARD_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("SILVERGUARD_MQTT__CLIENT_ID", client_id)
+            .env("SILVERGUARD_INGEST__BATCH_MAX_DELAY", "20ms")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn silverguard");
+        ServiceProcess { child, http_port }
+    }
+
+    pub async fn wait_ready(&self) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.http_port);
+        wait_until("service process ready", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move { http_get(&url).await.map(|(c, _)| c == 200).unwrap_or(false) }
+        })
+        .await;
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Minimal HTTP/1.1 GET over a real socket; returns (status, body).
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
+    let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// Polls `check` until it is true or the deadline passes (then panics with `what`).
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until a count query reaches `expected`, then checks it stays there (no late
+/// duplicates) for a short while; returns the final count.
+pub async fn wait_for_count(db: &TestDb, sql: &str, expected: i64, deadline: Duration) -> i64 {
+    let end = tokio::time::Instant::now() + deadline;
+    let client = db.client().await;
+    let mut last = -1;
+    loop {
+        last = client
+            .query_one(sql, &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(last);
+        if last >= expected || tokio::time::Instant::now() > end {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Provisions devices through the library (the same code as `silverguard device add`).
+pub async fn provision(db: &TestDb, ids: Vec<String>) {
+    let mut s = Settings::default();
+    s.database.url = Secret::new(db.url.clone());
+    silverguard::store::ensure_database(&db.url)
+        .await
+        .expect("ensure db");
+    let pool = silverguard::store::build_pool(&s.database).expect("pool");
+    silverguard::store::migrate::run(&pool)
+        .await
+        .expect("migrate");
+    silverguard::store::devices::add(
+        &pool,
+        &silverguard::store::devices::NewDevices {
+            ids,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("provision");
+    pool.close();
+}
+
+/// Logs go to the test's output only when `TEST_LOG` is set (e.g. `TEST_LOG=debug`).
+pub fn init_test_log() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}

@@ -1,0 +1,6 @@
+//! One integration-test binary (it links once). Every test gets its own database and its own
+//! Mosquitto broker (run from deploy/mosquitto.conf), so tests run in parallel and leave
+//! nothing behind. Requires `SILVERGUARD_TEST_PG_BASE` (set by scripts/test.sh).
+
+mod helpers;
+mod ingest;
