@@ -14,11 +14,18 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "ingest",
-    sql: include_str!("../../migrations/0001_ingest.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "ingest",
+        sql: include_str!("../../migrations/0001_ingest.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "registry",
+        sql: include_str!("../../migrations/0002_registry.sql"),
+    },
+];
 
 fn checksum(sql: &str) -> String {
     // FNV-1a 64: stable across builds and platforms, enough to notice an edit.
