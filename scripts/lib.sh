@@ -92,3 +92,20 @@ ensure_broker() {
   done
   die "Mosquitto did not start on port $port (see $dir/mosquitto.log)"
 }
+
+# What the notification tests need besides Rust: Python's aiosmtpd for the real SMTP server
+# they run (scripts/smtp_sink.py), and the openssl CLI for the certificates of the TLS cases.
+# pip first (the machine's python3 may be pyenv's, which Debian's package would not reach);
+# --break-system-packages for a Debian python3 that refuses plain pip installs (PEP 668).
+ensure_smtp_tools() {
+  command -v openssl >/dev/null || apt_install openssl
+  command -v python3 >/dev/null || apt_install python3
+  python3 -c 'import aiosmtpd' 2>/dev/null && return 0
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  log "installing aiosmtpd (pip)"
+  export PIP_ROOT_USER_ACTION=ignore
+  python3 -m pip install --quiet aiosmtpd \
+    || python3 -m pip install --quiet --break-system-packages aiosmtpd \
+    || apt_install python3-aiosmtpd
+  python3 -c 'import aiosmtpd' 2>/dev/null || die "cannot install aiosmtpd for $(command -v python3)"
+}

@@ -10,6 +10,8 @@ ensure_postgres
 # Each integration test starts its own broker from deploy/mosquitto.conf on a free port.
 command -v mosquitto >/dev/null || apt_install mosquitto
 command -v mosquitto_pub >/dev/null || apt_install mosquitto-clients
+# The notification tests run a real SMTP server (aiosmtpd) and make TLS certificates.
+ensure_smtp_tools
 
 export SILVERGUARD_TEST_PG_BASE="$SILVERGUARD_PG_BASE"
 

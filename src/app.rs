@@ -22,6 +22,10 @@ pub enum AppError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Ingest(#[from] crate::ingest::IngestError),
+    #[error(transparent)]
+    Channel(#[from] crate::notify::channels::ChannelConfigError),
+    #[error(transparent)]
+    Mqtt(#[from] crate::ingest::mqtt::MqttConfigError),
 }
 
 pub struct Application {
@@ -108,12 +112,65 @@ impl Application {
         // Partitions must exist before the first COPY; do one round now.
         upkeep_once(&pool, &settings).await;
 
-        let pipeline = Pipeline::start(&settings, pool.clone(), metrics.ingest.clone()).await?;
+        // Alerts: telemetry rules fed by committed heartbeats, and the sweeper.
+        let alerts_cancel = CancellationToken::new();
+        let (rules_tx, rules_rx) = tokio::sync::mpsc::channel(1024);
+        let rules = tokio::spawn(crate::alerts::run_telemetry_rules(
+            rules_rx,
+            pool.clone(),
+            settings.alerts.clone(),
+            alerts_cancel.clone(),
+        ));
+        let sweeper = tokio::spawn(crate::alerts::run_sweeper(
+            pool.clone(),
+            settings.alerts.clone(),
+            alerts_cancel.clone(),
+        ));
+
+        // Notify: the outbox workers and their channels.
+        let link_secret = std::sync::Arc::new(
+            crate::notify::links::link_secret(&pool, settings.alerts.link_secret.expose()).await?,
+        );
+        let notify_cancel = CancellationToken::new();
+        let channels = crate::notify::outbox::Channels {
+            email: crate::notify::channels::email_sender(&settings.notify.email)?,
+            sms: crate::notify::channels::sms_gateway(&settings.notify.sms)?,
+            im: crate::notify::channels::im_sender(&settings.notify.im),
+            downlink: Some(crate::notify::downlink::Downlink::start(
+                &settings.mqtt,
+                notify_cancel.clone(),
+            )?),
+        };
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        store::listen(
+            settings.database.url.expose().to_string(),
+            "sg_outbox",
+            wake.clone(),
+            notify_cancel.clone(),
+        );
+        let notifier = crate::notify::outbox::Notifier {
+            pool: pool.clone(),
+            settings: std::sync::Arc::new(settings.alerts.clone()),
+            channels,
+            link_secret: link_secret.clone(),
+            metrics: metrics.notify.clone(),
+        };
+        let notifier_task = tokio::spawn(notifier.run(wake, notify_cancel.clone()));
+
+        let pipeline = Pipeline::start(
+            &settings,
+            pool.clone(),
+            metrics.ingest.clone(),
+            Some(rules_tx),
+        )
+        .await?;
 
         let api = crate::api::router(crate::api::ApiState {
             pool: pool.clone(),
             metrics: metrics.clone(),
             expected_mqtt_connections: settings.mqtt.connections as i64,
+            alerts: std::sync::Arc::new(settings.alerts.clone()),
+            link_secret,
         });
         let http_shutdown = CancellationToken::new();
         let http = {
@@ -129,6 +186,13 @@ impl Application {
         shutdown.cancelled().await;
         tracing::info!("shutdown requested");
         pipeline.shutdown().await;
+        // The pipeline is gone, so the rules' input closes and they finish what they have.
+        let _ = tokio::time::timeout(Duration::from_secs(10), rules).await;
+        alerts_cancel.cancel();
+        let _ = sweeper.await;
+        // Deliveries in progress finish; what is left stays in the outbox for the next start.
+        notify_cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), notifier_task).await;
         upkeep_cancel.cancel();
         let _ = upkeep.await;
         http_shutdown.cancel();

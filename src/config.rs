@@ -61,6 +61,8 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub alerts: crate::alerts::settings::AlertSettings,
+    pub notify: crate::notify::settings::NotifySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -112,7 +114,7 @@ pub struct MqttSettings {
     pub keep_alive: Duration,
     /// Largest packet we accept from the broker; larger ones the broker must drop (MQTT 5).
     pub max_packet_bytes: u32,
-    /// Path of a PEM CA bundle for `mqtts://` (system roots when unset).
+    /// Path of a PEM CA bundle for `mqtts://` (required with `mqtts://`).
     pub ca_file: Option<String>,
 }
 
@@ -124,7 +126,8 @@ impl Default for MqttSettings {
             password: None,
             client_id: default_client_id(),
             connections: 1,
-            receive_maximum: 1000,
+            // Two full heartbeat batches in flight: one fills while the other commits.
+            receive_maximum: 4000,
             // Plain subscription by default: Mosquitto 2.0 does not restore shared
             // subscriptions from persistence, so a broker restart loses messages for them
             // (docs/deployment.md). Set a group to split load across instances.
@@ -183,7 +186,7 @@ pub struct IngestSettings {
 impl Default for IngestSettings {
     fn default() -> Self {
         IngestSettings {
-            batch_max_rows: 5000,
+            batch_max_rows: 2000,
             batch_max_delay: Duration::from_millis(50),
             writers: 2,
             max_payload_bytes: 4096,
@@ -249,7 +252,8 @@ impl Default for LogSettings {
     fn default() -> Self {
         LogSettings {
             format: LogFormat::Human,
-            filter: "info".into(),
+            // tokio_postgres logs server NOTICEs at info; they are noise here.
+            filter: "info,tokio_postgres=warn".into(),
         }
     }
 }
@@ -259,7 +263,7 @@ const CONTRACT_ENV: &[(&str, &str)] = &[
     ("SILVERGUARD_DATABASE_URL", "database.url"),
     ("SILVERGUARD_MQTT_URL", "mqtt.url"),
     ("SILVERGUARD_HTTP_ADDR", "http.addr"),
-    ("SILVERGUARD_SMTP_URL", "smtp.url"),
+    ("SILVERGUARD_SMTP_URL", "notify.email.url"),
 ];
 
 /// Variables that are read elsewhere and are not settings.
@@ -272,6 +276,17 @@ impl Settings {
     }
 
     pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let settings = Self::load_unvalidated(path, env)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Like [`Settings::load_from`] without the final validation, for callers that apply
+    /// command-line flags on top and validate after.
+    pub fn load_unvalidated(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
@@ -307,16 +322,12 @@ impl Settings {
                     // Not SECTION__KEY: a variable of some other tool (SILVERGUARD_TEST_*).
                     continue;
                 };
-            // Sections not built yet (smtp) are accepted and ignored until they exist.
-            if path.first().map(String::as_str) == Some("smtp") {
-                continue;
-            }
             insert_path(&mut table, &path, env_value(&value));
         }
-        let settings: Settings = toml::Value::Table(table)
+        let mut settings: Settings = toml::Value::Table(table)
             .try_into()
             .map_err(|e| ConfigError::Shape(Box::new(e)))?;
-        settings.validate()?;
+        settings.alerts.fill_defaults();
         Ok(settings)
     }
 
@@ -385,6 +396,50 @@ impl Settings {
                 self.mqtt.max_packet_bytes
             ));
         }
+        for (name, d) in [
+            ("database.connect_timeout", self.database.connect_timeout),
+            (
+                "ingest.latest_flush_interval",
+                self.ingest.latest_flush_interval,
+            ),
+            ("storage.upkeep_interval", self.storage.upkeep_interval),
+            ("mqtt.session_expiry", self.mqtt.session_expiry),
+            ("alerts.sweep_interval", self.alerts.sweep_interval),
+        ] {
+            if d < Duration::from_millis(10) {
+                problems.push(format!("{name} must be at least 10ms"));
+            }
+        }
+        if self.ingest.max_clock_ahead.is_zero() || self.ingest.max_clock_behind.is_zero() {
+            problems
+                .push("ingest.max_clock_ahead and ingest.max_clock_behind must be above 0".into());
+        }
+        if self.ingest.reject_payload_keep_bytes > self.ingest.max_payload_bytes.max(1 << 16) {
+            problems.push("ingest.reject_payload_keep_bytes must not exceed 64 KiB".into());
+        }
+        if self.mqtt.topic_filter.is_empty()
+            || self.mqtt.topic_filter.starts_with('$')
+            || self.mqtt.topic_filter.contains("#/")
+        {
+            problems.push(format!(
+                "mqtt.topic_filter {:?} is not a valid subscription filter",
+                self.mqtt.topic_filter
+            ));
+        }
+        if self.mqtt.url.starts_with("mqtts") && self.mqtt.ca_file.is_none() {
+            problems.push(
+                "mqtt.url is mqtts:// but mqtt.ca_file (SILVERGUARD_MQTT__CA_FILE) is not set"
+                    .into(),
+            );
+        }
+        if self.ingest.batch_max_rows > self.mqtt.connections * self.mqtt.receive_maximum as usize {
+            problems.push(format!(
+                "ingest.batch_max_rows ({}) can never fill: at most mqtt.connections x \
+                 mqtt.receive_maximum ({}) messages are in flight",
+                self.ingest.batch_max_rows,
+                self.mqtt.connections * self.mqtt.receive_maximum as usize
+            ));
+        }
         if self.ingest.rejects_keep_rows < 100 {
             problems.push("ingest.rejects_keep_rows must be at least 100".into());
         }
@@ -404,6 +459,8 @@ impl Settings {
         if !(1..=60).contains(&self.storage.partitions_ahead_days) {
             problems.push("storage.partitions_ahead_days must be between 1 and 60".into());
         }
+        problems.extend(self.alerts.validate());
+        problems.extend(self.notify.validate());
         if problems.is_empty() {
             Ok(())
         } else {
@@ -412,8 +469,12 @@ impl Settings {
     }
 }
 
-/// Environment values are strings; give TOML the type it would have had in the file.
+/// Environment values are strings; give TOML the type it would have had in the file. A value
+/// in double quotes stays a string (`SILVERGUARD_MQTT__PASSWORD='"123456"'`).
 fn env_value(raw: &str) -> toml::Value {
+    if let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        return toml::Value::String(inner.to_string());
+    }
     if let Ok(i) = raw.parse::<i64>() {
         return toml::Value::Integer(i);
     }

@@ -97,11 +97,61 @@ impl IngestMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabel {
+    pub channel: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabel {
+    pub channel: String,
+}
+
+#[derive(Clone)]
+pub struct NotifyMetrics {
+    attempts: Family<DeliveryLabel, Counter>,
+    attempt_seconds: Family<ChannelLabel, Histogram, fn() -> Histogram>,
+    /// Outbox row created (alert committed) to delivery accepted by the provider.
+    queued_to_delivered_seconds: Family<ChannelLabel, Histogram, fn() -> Histogram>,
+}
+
+impl NotifyMetrics {
+    pub fn observe(
+        &self,
+        channel: &str,
+        ok: bool,
+        elapsed: std::time::Duration,
+        _urgent: bool,
+        created_at: chrono::DateTime<chrono::Utc>,
+    ) {
+        let label = DeliveryLabel {
+            channel: channel.to_string(),
+            outcome: if ok { "delivered" } else { "failed" },
+        };
+        let c = self.attempts.get_or_create(&label);
+        c.inc();
+        drop(c);
+        let ch = ChannelLabel {
+            channel: channel.to_string(),
+        };
+        let h = self.attempt_seconds.get_or_create(&ch);
+        h.observe(elapsed.as_secs_f64());
+        drop(h);
+        if ok {
+            let lag = (chrono::Utc::now() - created_at).num_milliseconds().max(0) as f64 / 1000.0;
+            let h = self.queued_to_delivered_seconds.get_or_create(&ch);
+            h.observe(lag);
+        }
+    }
+}
+
 /// The registry and every stage's handles.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
     pub ingest: IngestMetrics,
+    pub notify: NotifyMetrics,
 }
 
 impl Metrics {
@@ -212,7 +262,36 @@ impl Metrics {
             "PUBACKs sent to the broker after commit",
             acks_sent.clone(),
         );
+        let attempts = Family::<DeliveryLabel, Counter>::default();
+        r.register(
+            "notify_attempts",
+            "Delivery attempts, by channel and outcome",
+            attempts.clone(),
+        );
+        let attempt_seconds =
+            Family::<ChannelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        r.register(
+            "notify_attempt_seconds",
+            "Time for one delivery attempt, by channel",
+            attempt_seconds.clone(),
+        );
+        let queued_to_delivered_seconds =
+            Family::<ChannelLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        r.register(
+            "notify_queued_to_delivered_seconds",
+            "From the alert's commit to the provider accepting the notification, by channel",
+            queued_to_delivered_seconds.clone(),
+        );
         Metrics {
+            notify: NotifyMetrics {
+                attempts,
+                attempt_seconds,
+                queued_to_delivered_seconds,
+            },
             registry: Arc::new(r),
             ingest: IngestMetrics {
                 received_messages,

@@ -1,4 +1,7 @@
-//! HTTP: health, readiness and metrics now; the REST API and console grow here.
+//! HTTP: health, readiness, metrics and the acknowledge links; the REST API and console grow
+//! here.
+
+pub mod ack;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +21,8 @@ pub struct ApiState {
     pub metrics: Metrics,
     /// MQTT connections this instance should hold; fewer means not ready.
     pub expected_mqtt_connections: i64,
+    pub alerts: Arc<crate::alerts::settings::AlertSettings>,
+    pub link_secret: Arc<Vec<u8>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -25,6 +30,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/ack/{token}", get(ack::show).post(ack::acknowledge))
         .with_state(Arc::new(state))
 }
 

@@ -280,6 +280,7 @@ impl Pipeline {
         settings: &crate::config::Settings,
         pool: deadpool_postgres::Pool,
         metrics: IngestMetrics,
+        rules_tx: Option<mpsc::Sender<Vec<Heartbeat>>>,
     ) -> Result<Pipeline, IngestError> {
         use std::sync::Arc;
         use tokio::sync::Mutex;
@@ -333,12 +334,15 @@ impl Pipeline {
             latest: latest_tx,
             router: router.clone(),
             cancel: lanes_cancel.clone(),
+            alerts: Arc::new(settings.alerts.clone()),
+            rules: rules_tx,
         };
 
         let latest = tokio::spawn(writer::run_latest_tracker(
             latest_rx,
             pool.clone(),
             s.latest_flush_interval,
+            settings.alerts.silence_factor,
         ));
         let mut lanes = tokio::task::JoinSet::new();
         lanes.spawn(writer::run_heartbeat_batcher(

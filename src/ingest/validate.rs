@@ -265,6 +265,16 @@ pub fn decode(
     if channel == Channel::Command {
         return Ok(Decoded::Downlink);
     }
+    if payload.is_empty() {
+        if channel == Channel::State {
+            // An empty retained message is how MQTT clears a retained state: nothing to store.
+            return Ok(Decoded::Downlink);
+        }
+        return Err(reject(
+            RejectReason::MalformedProtobuf,
+            "empty payload".into(),
+        ));
+    }
     if payload.len() > limits.max_payload_bytes {
         return Err(reject(
             RejectReason::Oversized,
@@ -399,7 +409,12 @@ fn location(l: &pb::Location) -> Result<Location, String> {
         lat_e7: l.lat_e7,
         lon_e7: l.lon_e7,
         accuracy_m: l.accuracy_m.min(i32::MAX as u32) as i32,
-        source: l.source.clamp(0, 3) as i16,
+        // An unknown source is stored as 0 (unspecified), not guessed.
+        source: if (0..=3).contains(&l.source) {
+            l.source as i16
+        } else {
+            0
+        },
     })
 }
 

@@ -230,6 +230,10 @@ pub struct LaneContext {
     pub latest: mpsc::Sender<Vec<LatestUpdate>>,
     pub router: Router,
     pub cancel: CancellationToken,
+    /// Alert rules run inside the event transaction (SOS, fall...).
+    pub alerts: Arc<crate::alerts::settings::AlertSettings>,
+    /// Committed heartbeats go to the telemetry rules.
+    pub rules: Option<mpsc::Sender<Vec<Heartbeat>>>,
 }
 
 impl LaneContext {
@@ -313,6 +317,9 @@ pub async fn run_heartbeat_writer(
                 ctx.observe_commit(item.ack.received, item.hb.ts);
                 ctx.acks.done(item.ack);
             }
+            if let Some(rules) = &ctx.rules {
+                let _ = rules.send(batch.iter().map(|i| i.hb.clone()).collect()).await;
+            }
             let updates = batch
                 .into_iter()
                 .map(|i| LatestUpdate::Heartbeat(Box::new(i.hb)))
@@ -376,6 +383,7 @@ async fn store_unstorable(ctx: &LaneContext, device_id: &str, what: &str, e: &St
 pub async fn write_event(
     pool: &Pool,
     e: &super::validate::DeviceEvent,
+    alerts: &crate::alerts::settings::AlertSettings,
 ) -> Result<Option<i64>, StoreError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -413,11 +421,10 @@ pub async fn write_event(
         .await?;
     let id = row.map(|r| r.get::<_, i64>(0));
     if let Some(id) = id {
-        tx.execute(
-            "SELECT pg_notify('sg_device_event', $1)",
-            &[&id.to_string()],
-        )
-        .await?;
+        // The alert and the notifications it causes commit with the event, or nothing does.
+        if let Some(alert_id) = crate::alerts::on_event(&tx, e, id, alerts).await? {
+            tracing::info!(event_id = id, alert_id, "alert raised or repeated");
+        }
     }
     tx.commit().await?;
     Ok(id)
@@ -455,7 +462,7 @@ pub async fn run_event_lane(
             let started = Instant::now();
             let mut backoff = Backoff::new();
             loop {
-                match write_event(&ctx.pool, e).await {
+                match write_event(&ctx.pool, e, &ctx.alerts).await {
                     Ok(Some(id)) => {
                         ctx.metrics.committed.event.inc();
                         commit_seconds.observe(started.elapsed().as_secs_f64());
@@ -471,7 +478,9 @@ pub async fn run_event_lane(
                         tracing::debug!("event already stored (redelivery)");
                         break;
                     }
-                    Err(err) if is_poison(&err) => {
+                    // An emergency is never given up: keep retrying (its ack stays held, so the
+                    // broker keeps it too) and shout, because this is a bug to fix now.
+                    Err(err) if is_poison(&err) && !e.kind.is_emergency() => {
                         store_unstorable(&ctx, &e.device_id, "event", &err).await;
                         break;
                     }
@@ -677,7 +686,9 @@ pub async fn run_latest_tracker(
     mut rx: mpsc::Receiver<Vec<LatestUpdate>>,
     pool: Pool,
     interval: Duration,
+    silence_factor: u32,
 ) {
+    let silence_factor = silence_factor as f64;
     let mut pending: HashMap<String, Latest> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -687,11 +698,11 @@ pub async fn run_latest_tracker(
                 Some(u) => merge(&mut pending, u),
                 None => {
                     // All lanes are done: write what is left, then stop.
-                    flush_latest(&pool, &mut pending).await;
+                    flush_latest(&pool, &mut pending, silence_factor).await;
                     return;
                 }
             },
-            _ = tick.tick() => flush_latest(&pool, &mut pending).await,
+            _ = tick.tick() => flush_latest(&pool, &mut pending, silence_factor).await,
         }
     }
 }
@@ -746,8 +757,16 @@ fn latest_upsert_sql() -> String {
     let newer_hb =
         "excluded.last_hb_at IS NOT NULL AND (l.last_hb_at IS NULL OR excluded.last_hb_at >= l.last_hb_at)";
     let newer_presence = "excluded.presence_at IS NOT NULL AND (l.presence_at IS NULL OR excluded.presence_at >= l.presence_at)";
-    let mut sets =
-        vec!["last_seen_at = greatest(l.last_seen_at, excluded.last_seen_at)".to_string()];
+    let mut sets = vec![
+        "last_seen_at = greatest(l.last_seen_at, excluded.last_seen_at)".to_string(),
+        // New data moves the silence deadline and re-arms the silence rule.
+        "silent_after = CASE WHEN l.last_seen_at IS NULL OR excluded.last_seen_at > l.last_seen_at \
+         THEN excluded.silent_after ELSE l.silent_after END"
+            .to_string(),
+        "silence_alerted = CASE WHEN excluded.last_seen_at > l.last_seen_at THEN false \
+         ELSE l.silence_alerted END"
+            .to_string(),
+    ];
     for c in std::iter::once("last_hb_at").chain(LATEST_HB_COLUMNS) {
         sets.push(format!(
             "{c} = CASE WHEN {newer_hb} THEN excluded.{c} ELSE l.{c} END"
@@ -759,13 +778,14 @@ fn latest_upsert_sql() -> String {
         ));
     }
     format!(
-        "INSERT INTO device_latest AS l (device_id, last_seen_at, last_hb_at, {hb}, online, presence_at)
-         SELECT u.device_id, u.last_seen_at, u.last_hb_at, {uhb}, u.online, u.presence_at
+        "INSERT INTO device_latest AS l (device_id, last_seen_at, last_hb_at, {hb}, online, presence_at, silent_after)
+         SELECT u.device_id, u.last_seen_at, u.last_hb_at, {uhb}, u.online, u.presence_at,
+                u.last_seen_at + make_interval(secs => d.heartbeat_interval_s * $17::float8)
          FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int8[], $5::int2[],
                      $6::int2[], $7::int2[], $8::int2[], $9::int2[], $10::int4[], $11::int2[],
                      $12::bool[], $13::int4[], $14::int4[], $15::bool[], $16::timestamptz[])
               AS u(device_id, last_seen_at, last_hb_at, {hb}, online, presence_at)
-         WHERE EXISTS (SELECT 1 FROM devices d WHERE d.device_id = u.device_id)
+         JOIN devices d ON d.device_id = u.device_id
          ON CONFLICT (device_id) DO UPDATE SET {sets}",
         hb = LATEST_HB_COLUMNS.join(", "),
         uhb = LATEST_HB_COLUMNS.map(|c| format!("u.{c}")).join(", "),
@@ -773,7 +793,7 @@ fn latest_upsert_sql() -> String {
     )
 }
 
-async fn flush_latest(pool: &Pool, pending: &mut HashMap<String, Latest>) {
+async fn flush_latest(pool: &Pool, pending: &mut HashMap<String, Latest>, silence_factor: f64) {
     if pending.is_empty() {
         return;
     }
@@ -839,6 +859,7 @@ async fn flush_latest(pool: &Pool, pending: &mut HashMap<String, Latest>) {
                     &lon,
                     &online,
                     &presence_at,
+                    &silence_factor,
                 ],
             )
             .await?;

@@ -25,6 +25,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "registry",
         sql: include_str!("../../migrations/0002_registry.sql"),
     },
+    Migration {
+        version: 3,
+        name: "alerts",
+        sql: include_str!("../../migrations/0003_alerts.sql"),
+    },
 ];
 
 fn checksum(sql: &str) -> String {

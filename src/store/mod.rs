@@ -6,6 +6,7 @@
 
 pub mod devices;
 pub mod migrate;
+pub mod registry;
 
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ pub use deadpool_postgres::{Client, Pool as PgPool};
 pub mod locks {
     pub const MIGRATE: i64 = 0x5347_0001;
     pub const UPKEEP: i64 = 0x5347_0002;
+    pub const REGISTRY: i64 = 0x5347_0100;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,4 +221,60 @@ pub async fn ensure_database(url: &str) -> Result<bool, StoreError> {
         tracing::info!(database = %name, "created database");
     }
     Ok(created)
+}
+
+/// Wakes `notify` whenever a NOTIFY arrives on `channel`, on a dedicated connection that is
+/// re-established after errors. Wakeups only shorten a poll: callers still poll, so a lost
+/// notification costs latency, never correctness.
+pub fn listen(
+    url: String,
+    channel: &'static str,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    cancel: CancellationToken,
+) {
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        loop {
+            let attempt = async {
+                let cfg: tokio_postgres::Config = url
+                    .parse()
+                    .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+                let (client, mut connection) = cfg.connect(NoTls).await?;
+                let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let sql = format!("LISTEN {channel}");
+                {
+                    let listen = client.batch_execute(&sql);
+                    tokio::pin!(listen);
+                    // Drive the connection while LISTEN runs, then keep reading notifications.
+                    loop {
+                        tokio::select! {
+                            r = &mut listen => { r?; break; }
+                            m = messages.next() => match m {
+                                Some(Ok(_)) => {}
+                                Some(Err(e)) => return Err(e.into()),
+                                None => return Ok(()),
+                            }
+                        }
+                    }
+                }
+                while let Some(m) = messages.next().await {
+                    if let tokio_postgres::AsyncMessage::Notification(_) = m? {
+                        notify.notify_one();
+                    }
+                }
+                drop(client);
+                Ok::<(), StoreError>(())
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = attempt => if let Err(e) = r {
+                    tracing::debug!(channel, error = %e, "LISTEN connection lost; reconnecting");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
 }

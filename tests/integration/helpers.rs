@@ -195,6 +195,8 @@ pub fn settings(db: &TestDb, broker: &TestBroker) -> Settings {
     s.http.addr = "127.0.0.1:0".into();
     s.ingest.batch_max_delay = Duration::from_millis(20);
     s.ingest.latest_flush_interval = Duration::from_millis(200);
+    // The daily knock would check every test's elders; its own test drives it directly.
+    s.alerts.wellness_check_at = "off".into();
     s
 }
 
@@ -248,16 +250,30 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub fn spawn(db: &TestDb, broker: &TestBroker, client_id: &str) -> ServiceProcess {
+        Self::spawn_with(db, broker, client_id, None)
+    }
+
+    pub fn spawn_with(
+        db: &TestDb,
+        broker: &TestBroker,
+        client_id: &str,
+        config: Option<&std::path::Path>,
+    ) -> ServiceProcess {
         let http_port = free_port();
         let log = std::fs::File::create(std::env::temp_dir().join(format!("{client_id}.log")))
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_silverguard"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_silverguard"));
+        if let Some(c) = config {
+            cmd.env("SILVERGUARD_CONFIG", c);
+        }
+        let child = cmd
             .arg("serve")
             .env("SILVERGUARD_DATABASE_URL", &db.url)
             .env("SILVERGUARD_MQTT_URL", broker.url())
             .env("SILVERGUARD_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
             .env("SILVERGUARD_MQTT__CLIENT_ID", client_id)
             .env("SILVERGUARD_INGEST__BATCH_MAX_DELAY", "20ms")
+            .env("SILVERGUARD_ALERTS__WELLNESS_CHECK_AT", "off")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -377,5 +393,161 @@ pub fn init_test_log() {
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_test_writer()
             .try_init();
+    }
+}
+
+/// One HTTP request a stand-in server received.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub path: String,
+    pub body: String,
+    pub at: std::time::Instant,
+}
+
+/// A real HTTP server standing in for an SMS gateway or IM robot: records every request and
+/// answers 200.
+pub struct CaptureServer {
+    pub port: u16,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
+}
+
+impl CaptureServer {
+    pub async fn start() -> CaptureServer {
+        use axum::extract::{Request, State};
+        use std::sync::atomic::Ordering;
+        type Shared = (
+            std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
+            std::sync::Arc<std::sync::atomic::AtomicBool>,
+        );
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        async fn handle(
+            State((reqs, failing)): State<Shared>,
+            req: Request,
+        ) -> (axum::http::StatusCode, String) {
+            let path = req.uri().to_string();
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap_or_default();
+            if failing.load(Ordering::SeqCst) {
+                return (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "{\"error\":\"down\"}".into(),
+                );
+            }
+            if let Ok(mut r) = reqs.lock() {
+                r.push(Captured {
+                    path,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                    at: std::time::Instant::now(),
+                });
+            }
+            (
+                axum::http::StatusCode::OK,
+                "{\"id\":\"stand-in\",\"errcode\":0}".into(),
+            )
+        }
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state((requests.clone(), failing.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        CaptureServer { port, requests }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn all(&self) -> Vec<Captured> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Requests whose body mentions `needle` (a phone number, a webhook id...).
+    pub fn matching(&self, needle: &str) -> Vec<Captured> {
+        self.all()
+            .into_iter()
+            .filter(|c| c.body.contains(needle) || c.path.contains(needle))
+            .collect()
+    }
+}
+
+/// A real SMTP server (aiosmtpd, scripts/smtp_sink.py) writing each message to a directory.
+pub struct SmtpSink {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl SmtpSink {
+    pub async fn start() -> SmtpSink {
+        let mut s = SmtpSink {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    pub async fn spawn(&mut self) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/smtp_sink.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--maildir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the SMTP sink (python3 with aiosmtpd; see scripts/test.sh)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(
+            "SMTP sink accepts connections",
+            Duration::from_secs(15),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}?tls=none", self.port)
+    }
+
+    /// Raw messages received so far.
+    pub fn messages(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path()) {
+                    out.push(text);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

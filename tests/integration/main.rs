@@ -2,5 +2,8 @@
 //! Mosquitto broker (run from deploy/mosquitto.conf), so tests run in parallel and leave
 //! nothing behind. Requires `SILVERGUARD_TEST_PG_BASE` (set by scripts/test.sh).
 
+mod alerts;
 mod helpers;
 mod ingest;
+mod notify_channels;
+mod registry;

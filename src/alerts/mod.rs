@@ -1,0 +1,548 @@
+//! Alerts: decide when something is wrong and make sure a human answers.
+//!
+//! - Events (SOS, fall, cancel, low battery, service call) are handled inside the event
+//!   lane's transaction ([`on_event`]): the event row, its alert and the notifications due
+//!   commit together or not at all.
+//! - Telemetry rules run as heartbeats commit ([`run_telemetry_rules`]), with per-device
+//!   state in memory and the start of every condition in `rule_state`.
+//! - A sweeper ([`run_sweeper`]) takes due escalation steps (`FOR UPDATE SKIP LOCKED`),
+//!   raises silence alerts from an indexed deadline, resolves them when data returns, and
+//!   runs the daily knock once a day across all instances.
+//!
+//! The lifecycle SQL is in [`engine`], the pure rule state machines in [`rules`].
+
+pub mod admin;
+pub mod engine;
+pub mod rules;
+pub mod settings;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use deadpool_postgres::Pool;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_postgres::Transaction;
+use tokio_util::sync::CancellationToken;
+
+use crate::ingest::validate::{DeviceEvent, EventKind, Heartbeat};
+use crate::store::StoreError;
+use engine::{subject_of, NewAlert};
+use rules::{ElderContext, Evaluator, Transition};
+use settings::{AlertSettings, Threshold};
+
+/// Severity of each alert kind the engine raises.
+pub fn severity_of(kind: &str) -> &'static str {
+    match kind {
+        "sos" | "fall" => "critical",
+        "hr_high" | "hr_low" | "spo2_low" | "geofence_exit" => "high",
+        "temp_high" | "bp_high" | "device_silent" | "wellness_check" => "medium",
+        _ => "low",
+    }
+}
+
+fn static_kind(rule: &str) -> &'static str {
+    rules::VITAL_RULES
+        .iter()
+        .find(|r| **r == rule)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// Called by the event lane inside the transaction that inserted the event.
+pub async fn on_event(
+    tx: &Transaction<'_>,
+    e: &DeviceEvent,
+    event_id: i64,
+    settings: &AlertSettings,
+) -> Result<Option<i64>, StoreError> {
+    let elder_id: Option<i64> = tx
+        .query_opt(
+            "SELECT elder_id FROM devices WHERE device_id = $1",
+            &[&e.device_id],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    let location = e.location.map(|l| (l.lat_e7, l.lon_e7));
+    let new = |kind: &'static str, detail: serde_json::Value| NewAlert {
+        elder_id,
+        device_id: e.device_id.clone(),
+        kind,
+        severity: severity_of(kind),
+        occurred_at: e.occurred_at,
+        source_event_id: Some(event_id),
+        location,
+        detail,
+    };
+    match e.kind {
+        EventKind::Sos => {
+            let o = engine::open_or_repeat(
+                tx,
+                &new("sos", json!({"battery_pct": e.battery_pct})),
+                settings,
+                None,
+            )
+            .await?;
+            Ok(Some(o.alert_id))
+        }
+        EventKind::Fall => {
+            lock_device(tx, &e.device_id).await?;
+            let o = engine::open_or_repeat(
+                tx,
+                &new("fall", json!({"battery_pct": e.battery_pct})),
+                settings,
+                Some(settings.fall_cancel_window),
+            )
+            .await?;
+            // Events are committed in parallel, so the wearer's cancel may have been
+            // committed first: it still counts if it came within the window.
+            let window = settings.fall_cancel_window.as_secs_f64();
+            let cancel = tx
+                .query_opt(
+                    "SELECT id FROM device_events
+                     WHERE device_id = $1 AND kind = 'sos_cancel'
+                       AND occurred_at >= $2 AND occurred_at <= $2 + make_interval(secs => $3)
+                     ORDER BY occurred_at LIMIT 1",
+                    &[&e.device_id, &e.occurred_at, &window],
+                )
+                .await?;
+            if let (true, Some(c)) = (o.new, cancel) {
+                engine::wearer_cancelled(
+                    tx,
+                    &subject_of(elder_id, &e.device_id),
+                    c.get(0),
+                    settings,
+                )
+                .await?;
+            }
+            Ok(Some(o.alert_id))
+        }
+        EventKind::SosCancel => {
+            lock_device(tx, &e.device_id).await?;
+            engine::wearer_cancelled(tx, &subject_of(elder_id, &e.device_id), event_id, settings)
+                .await
+        }
+        EventKind::LowBattery => {
+            let o = engine::open_or_repeat(
+                tx,
+                &new("low_battery", json!({"battery_pct": e.battery_pct})),
+                settings,
+                None,
+            )
+            .await?;
+            Ok(Some(o.alert_id))
+        }
+        EventKind::ServiceCall => {
+            tx.execute(
+                "INSERT INTO service_requests (elder_id, device_id, source_event_id, requested_at)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (source_event_id) DO NOTHING",
+                &[&elder_id, &e.device_id, &event_id, &e.occurred_at],
+            )
+            .await?;
+            Ok(None)
+        }
+        EventKind::WornOff | EventKind::WornOn | EventKind::PowerOff => Ok(None),
+    }
+}
+
+/// Serializes a device's fall and cancel handling: whichever commits second sees the first.
+async fn lock_device(tx: &Transaction<'_>, device_id: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('sg-device:' || $1))",
+        &[&device_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Per-device context for the rules, cached for a minute.
+struct ContextCache {
+    defaults: BTreeMap<String, Threshold>,
+    entries: HashMap<String, (Instant, ElderContext)>,
+}
+
+impl ContextCache {
+    async fn get(&mut self, pool: &Pool, device_id: &str) -> Result<ElderContext, StoreError> {
+        if let Some((at, ctx)) = self.entries.get(device_id) {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Ok(ctx.clone());
+            }
+        }
+        let client = pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT d.elder_id, e.thresholds, e.home_lat_e7, e.home_lon_e7, e.home_radius_m, e.wander_risk
+                 FROM devices d LEFT JOIN elders e ON e.id = d.elder_id WHERE d.device_id = $1",
+                &[&device_id],
+            )
+            .await?;
+        let mut ctx = ElderContext {
+            thresholds: self.defaults.clone(),
+            ..Default::default()
+        };
+        if let Some(r) = row {
+            ctx.elder_id = r.get(0);
+            if let Some(serde_json::Value::Object(map)) = r.get::<_, Option<serde_json::Value>>(1) {
+                {
+                    for (rule, v) in map {
+                        match serde_json::from_value::<Threshold>(v) {
+                            Ok(t) => {
+                                ctx.thresholds.insert(rule, t);
+                            }
+                            Err(e) => {
+                                tracing::warn!(device_id, rule, error = %e, "ignoring invalid threshold override")
+                            }
+                        }
+                    }
+                }
+            }
+            let (lat, lon, radius): (Option<i32>, Option<i32>, Option<i32>) =
+                (r.get(2), r.get(3), r.get(4));
+            if let (Some(lat), Some(lon)) = (lat, lon) {
+                ctx.home = Some((
+                    lat as f64 / 1e7,
+                    lon as f64 / 1e7,
+                    radius.unwrap_or(300) as f64,
+                ));
+            }
+            ctx.wander_risk = r.get::<_, Option<bool>>(5).unwrap_or(false);
+        }
+        if self.entries.len() > 200_000 {
+            self.entries.clear();
+        }
+        self.entries
+            .insert(device_id.to_string(), (Instant::now(), ctx.clone()));
+        Ok(ctx)
+    }
+}
+
+/// Evaluates telemetry rules on committed heartbeats.
+pub async fn run_telemetry_rules(
+    mut rx: mpsc::Receiver<Vec<Heartbeat>>,
+    pool: Pool,
+    settings: AlertSettings,
+    cancel: CancellationToken,
+) {
+    let mut evaluator = Evaluator::default();
+    // Conditions in progress survive restarts.
+    loop {
+        match restore(&pool, &mut evaluator).await {
+            Ok(n) => {
+                tracing::info!(conditions = n, "rule state restored");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot load rule state, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+    let mut cache = ContextCache {
+        defaults: settings.thresholds.clone(),
+        entries: HashMap::new(),
+    };
+    while let Some(batch) = rx.recv().await {
+        for hb in &batch {
+            let ctx = match cache.get(&pool, &hb.device_id).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(device_id = %hb.device_id, error = %e, "rule context unavailable; skipping reading");
+                    continue;
+                }
+            };
+            let day = rules::is_day(
+                hb.ts,
+                settings.utc_offset_hours,
+                settings.day_starts_hour,
+                settings.day_ends_hour,
+            );
+            for t in evaluator.observe(hb, &ctx, day) {
+                if let Err(e) = apply(&pool, hb, &ctx, &t, &settings).await {
+                    tracing::error!(device_id = %hb.device_id, transition = ?t, error = %e, "rule transition not stored");
+                }
+            }
+        }
+    }
+}
+
+async fn restore(pool: &Pool, evaluator: &mut Evaluator) -> Result<usize, StoreError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT r.device_id, r.rule, r.since,
+                    EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = r.device_id AND a.kind = r.rule
+                                                     AND a.status <> 'resolved')
+             FROM rule_state r",
+            &[],
+        )
+        .await?;
+    for r in &rows {
+        evaluator.restore(r.get(0), r.get(1), r.get(2), r.get(3));
+    }
+    Ok(rows.len())
+}
+
+async fn apply(
+    pool: &Pool,
+    hb: &Heartbeat,
+    ctx: &ElderContext,
+    t: &Transition,
+    settings: &AlertSettings,
+) -> Result<(), StoreError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let subject = subject_of(ctx.elder_id, &hb.device_id);
+    match t {
+        Transition::Started { rule, since } => {
+            tx.execute(
+                "INSERT INTO rule_state (device_id, rule, since) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&hb.device_id, rule, since],
+            )
+            .await?;
+        }
+        Transition::Fire { rule, since, value } => {
+            // The database is the shared truth when several instances see this device.
+            let since: DateTime<Utc> = tx
+                .query_one(
+                    "INSERT INTO rule_state (device_id, rule, since) VALUES ($1, $2, $3)
+                     ON CONFLICT (device_id, rule) DO UPDATE SET since = rule_state.since
+                     RETURNING since",
+                    &[&hb.device_id, rule, since],
+                )
+                .await?
+                .get(0);
+            let kind = static_kind(rule);
+            let sustained = (hb.ts - since).num_seconds();
+            engine::open_or_repeat(
+                &tx,
+                &NewAlert {
+                    elder_id: ctx.elder_id,
+                    device_id: hb.device_id.clone(),
+                    kind,
+                    severity: severity_of(kind),
+                    occurred_at: since,
+                    source_event_id: None,
+                    location: hb.location.map(|l| (l.lat_e7, l.lon_e7)),
+                    detail: json!({"value": value, "sustained_s": sustained, "threshold": ctx.thresholds.get(*rule).map(|t| json!({"above": t.above, "below": t.below, "for_s": t.sustain.as_secs()}))}),
+                },
+                settings,
+                None,
+            )
+            .await?;
+        }
+        Transition::Cleared { rule } => {
+            tx.execute(
+                "DELETE FROM rule_state WHERE device_id = $1 AND rule = $2",
+                &[&hb.device_id, rule],
+            )
+            .await?;
+            engine::auto_resolve(
+                &tx,
+                &subject,
+                static_kind(rule),
+                json!({"cleared_at": hb.ts}),
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Escalation steps, silence, recovery from silence and the daily knock.
+pub async fn run_sweeper(pool: Pool, settings: AlertSettings, cancel: CancellationToken) {
+    let mut last_wellness_check = Instant::now() - Duration::from_secs(3600);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(settings.sweep_interval) => {}
+            _ = cancel.cancelled() => return,
+        }
+        let mut client = match pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "sweeper: database unavailable");
+                continue;
+            }
+        };
+        loop {
+            match engine::run_due_steps(&mut client, &settings).await {
+                Ok(100) => continue, // more may be due
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "escalation sweep failed; will retry");
+                    break;
+                }
+            }
+        }
+        if let Err(e) = sweep_silence(&mut client, &settings).await {
+            tracing::warn!(error = %e, "silence sweep failed; will retry");
+        }
+        if last_wellness_check.elapsed() >= Duration::from_secs(30) {
+            last_wellness_check = Instant::now();
+            if let Err(e) = daily_knock(&mut client, &settings, Utc::now()).await {
+                tracing::warn!(error = %e, "daily knock failed; will retry");
+            }
+        }
+    }
+}
+
+async fn sweep_silence(
+    client: &mut deadpool_postgres::Client,
+    settings: &AlertSettings,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "SELECT l.device_id, d.elder_id, l.last_seen_at, d.heartbeat_interval_s
+             FROM device_latest l JOIN devices d USING (device_id)
+             WHERE l.silent_after <= now() AND NOT l.silence_alerted
+             ORDER BY l.silent_after LIMIT 500
+             FOR UPDATE OF l SKIP LOCKED",
+            &[],
+        )
+        .await?;
+    for r in &rows {
+        let device_id: String = r.get(0);
+        let last_seen: DateTime<Utc> = r.get(2);
+        let interval: i32 = r.get(3);
+        engine::open_or_repeat(
+            &tx,
+            &NewAlert {
+                elder_id: r.get(1),
+                device_id: device_id.clone(),
+                kind: "device_silent",
+                severity: severity_of("device_silent"),
+                occurred_at: last_seen,
+                source_event_id: None,
+                location: None,
+                detail: json!({"last_seen_at": last_seen, "threshold_s": interval as i64 * settings.silence_factor as i64}),
+            },
+            settings,
+            None,
+        )
+        .await?;
+        tx.execute(
+            "UPDATE device_latest SET silence_alerted = true WHERE device_id = $1",
+            &[&device_id],
+        )
+        .await?;
+    }
+    // Data came back: the silence is over.
+    let back = tx
+        .query(
+            "SELECT a.subject FROM alerts a JOIN device_latest l ON l.device_id = a.device_id
+             WHERE a.kind = 'device_silent' AND a.status <> 'resolved'
+               AND l.last_seen_at > a.occurred_at AND NOT l.silence_alerted
+             FOR UPDATE OF a SKIP LOCKED",
+            &[],
+        )
+        .await?;
+    for r in &back {
+        let subject: String = r.get(0);
+        engine::auto_resolve(
+            &tx,
+            &subject,
+            "device_silent",
+            json!({"why": "data received again"}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    if !rows.is_empty() {
+        tracing::warn!(devices = rows.len(), "device silence alerts raised");
+    }
+    Ok(())
+}
+
+/// The daily knock: by the configured local time, an elder whose bracelets show no sign of
+/// life today (not worn, no steps, no events) gets a wellness check by their grid worker.
+pub async fn daily_knock(
+    client: &mut deadpool_postgres::Client,
+    settings: &AlertSettings,
+    now: DateTime<Utc>,
+) -> Result<Option<usize>, StoreError> {
+    let Some(check_min) = settings.wellness_minute() else {
+        return Ok(None);
+    };
+    let offset = TimeDelta::hours(settings.utc_offset_hours as i64);
+    let local = now + offset;
+    let local_day = local.date_naive();
+    let minutes = (local
+        - local_day
+            .and_hms_opt(0, 0, 0)
+            .map(|d| d.and_utc())
+            .unwrap_or(local))
+    .num_minutes();
+    if minutes < check_min as i64 {
+        return Ok(None);
+    }
+    let midnight_utc = local_day
+        .and_hms_opt(0, 0, 0)
+        .map(|d| d.and_utc() - offset)
+        .unwrap_or(now);
+    let tx = client.transaction().await?;
+    let claimed = tx
+        .execute(
+            "INSERT INTO wellness_runs (day, checked, raised) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+            &[&local_day],
+        )
+        .await?;
+    if claimed == 0 {
+        return Ok(None); // done today, by us or another instance
+    }
+    let rows = tx
+        .query(
+            "SELECT e.id, min(d.device_id)
+             FROM elders e JOIN devices d ON d.elder_id = e.id
+             -- A bracelet handed out today has had no chance to show a sign of life.
+             WHERE d.created_at < $1
+             GROUP BY e.id
+             HAVING NOT bool_or(EXISTS (
+                        SELECT 1 FROM heartbeats h
+                        WHERE h.device_id = d.device_id AND h.ts >= $1
+                          AND (h.worn OR coalesce(h.steps_today, 0) > 0)))
+                AND NOT bool_or(EXISTS (
+                        SELECT 1 FROM device_events v
+                        WHERE v.device_id = d.device_id AND v.occurred_at >= $1
+                          AND v.kind NOT IN ('power_off', 'worn_off', 'low_battery')))",
+            &[&midnight_utc],
+        )
+        .await?;
+    let checked: i64 = tx
+        .query_one(
+            "SELECT count(DISTINCT elder_id) FROM devices WHERE elder_id IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    for r in &rows {
+        engine::open_or_repeat(
+            &tx,
+            &NewAlert {
+                elder_id: Some(r.get(0)),
+                device_id: r.get(1),
+                kind: "wellness_check",
+                severity: severity_of("wellness_check"),
+                occurred_at: now,
+                source_event_id: None,
+                location: None,
+                detail: json!({"day": local_day.to_string(), "why": "no sign of life today"}),
+            },
+            settings,
+            None,
+        )
+        .await?;
+    }
+    tx.execute(
+        "UPDATE wellness_runs SET checked = $2, raised = $3 WHERE day = $1",
+        &[&local_day, &(checked as i32), &(rows.len() as i32)],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(day = %local_day, checked, raised = rows.len(), "daily knock done");
+    Ok(Some(rows.len()))
+}
