@@ -1,42 +1,15 @@
 //! MQTT topic names and device-id rules, exactly as `DESIGN.md` fixes them.
 //!
-//! Kept in one place so the simulator and its tests cannot drift apart on a topic string.
+//! The scheme itself lives in `silverguard_proto::topics`, shared with the service; this adds
+//! what only the simulator needs.
 
-/// Longest device id the backend accepts.
-pub const MAX_DEVICE_ID_LEN: usize = 64;
-
-/// Heartbeat topic: `sg/v1/dev/{id}/hb`.
-pub fn heartbeat(device_id: &str) -> String {
-    format!("sg/v1/dev/{device_id}/hb")
-}
-
-/// Event topic: `sg/v1/dev/{id}/evt`.
-pub fn event(device_id: &str) -> String {
-    format!("sg/v1/dev/{device_id}/evt")
-}
-
-/// Presence topic (retained; also the Last Will): `sg/v1/dev/{id}/state`.
-pub fn state(device_id: &str) -> String {
-    format!("sg/v1/dev/{device_id}/state")
-}
-
-/// Downlink topic the bracelet subscribes to: `sg/v1/dev/{id}/cmd`.
-pub fn command(device_id: &str) -> String {
-    format!("sg/v1/dev/{device_id}/cmd")
-}
+pub use silverguard_proto::topics::{
+    command, event, heartbeat, is_valid_device_id, state, MAX_DEVICE_ID_LEN,
+};
 
 /// A topic under the device's prefix that the backend does not know.
 pub fn nonsense(device_id: &str) -> String {
     format!("sg/v1/dev/{device_id}/nonsense")
-}
-
-/// `[A-Za-z0-9_-]{1,64}`: the ids the backend accepts (IMEIs and operator-chosen ids).
-pub fn is_valid_device_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_DEVICE_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Client id of a simulated bracelet's MQTT connection.

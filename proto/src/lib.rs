@@ -11,4 +11,6 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/silverguard.v1.rs"));
 }
 
+pub mod topics;
+
 pub use prost::{DecodeError, Message};

@@ -166,14 +166,15 @@ async fn schedule(
 
 #[derive(Debug)]
 struct Recipient {
-    role: String,
+    role: Role,
     contact_id: i64,
     phone: Option<String>,
     email: Option<String>,
-    language: String,
+    language: &'static str,
     im_webhook: Option<String>,
 }
 
+/// The people in `roles` for an elder, in the registry's order (role, then priority).
 async fn recipients(
     tx: &Transaction<'_>,
     elder_id: Option<i64>,
@@ -182,25 +183,25 @@ async fn recipients(
     let Some(elder_id) = elder_id else {
         return Ok(Vec::new());
     };
-    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-    let rows = tx
-        .query(
-            "SELECT ec.role, c.id, c.phone, c.email, c.language, c.im_webhook
-             FROM elder_contacts ec JOIN contacts c ON c.id = ec.contact_id
-             WHERE ec.elder_id = $1 AND ec.role = ANY($2)
-             ORDER BY ec.role, ec.priority, c.id",
-            &[&elder_id, &roles],
-        )
-        .await?;
-    Ok(rows
+    let responders = match crate::store::registry::who_answers_with(tx, elder_id).await {
+        Ok(r) => r,
+        // The elder was removed after the device was bound: nobody to tell, the timeline
+        // says so (no_recipients) and the console still shows the alert.
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(crate::store::registry::RegistryError::Store(e)) => return Err(e),
+        Err(e) => return Err(StoreError::Invalid(e.to_string())),
+    };
+    Ok(roles
         .iter()
-        .map(|r| Recipient {
-            role: r.get(0),
-            contact_id: r.get(1),
-            phone: r.get(2),
-            email: r.get(3),
-            language: r.get(4),
-            im_webhook: r.get(5),
+        .flat_map(|role| {
+            responders.role(*role).iter().map(move |r| Recipient {
+                role: *role,
+                contact_id: r.id,
+                phone: r.phone.clone(),
+                email: r.email.clone(),
+                language: r.language.as_str(),
+                im_webhook: r.im_webhook.clone(),
+            })
         })
         .collect())
 }
@@ -278,10 +279,10 @@ pub async fn run_step(
                 tx,
                 alert_id,
                 Some(r.contact_id),
-                Some(&r.role),
+                Some(r.role.as_str()),
                 ch.as_str(),
                 address,
-                &r.language,
+                r.language,
                 urgent,
                 step,
                 &key,
@@ -350,10 +351,10 @@ async fn run_reminder(tx: &Transaction<'_>, alert_id: i64, round: i32) -> Result
                     tx,
                     alert_id,
                     Some(r.contact_id),
-                    Some(&r.role),
+                    Some(r.role.as_str()),
                     ch,
                     address,
-                    &r.language,
+                    r.language,
                     false,
                     -1,
                     &key,

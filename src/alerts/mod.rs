@@ -17,6 +17,7 @@ pub mod rules;
 pub mod settings;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -156,64 +157,93 @@ async fn lock_device(tx: &Transaction<'_>, device_id: &str) -> Result<(), StoreE
     Ok(())
 }
 
-/// Per-device context for the rules, cached for a minute.
+/// What the rules need per device, loaded for the whole fleet in one query and reloaded
+/// every 30 s: a per-heartbeat lookup would cost a query per reading. Devices share one
+/// context per elder, and unbound devices share the fleet default.
 struct ContextCache {
-    defaults: BTreeMap<String, Threshold>,
-    entries: HashMap<String, (Instant, ElderContext)>,
+    default: Arc<ElderContext>,
+    by_device: HashMap<String, Arc<ElderContext>>,
+    loaded: Option<Instant>,
 }
 
+const CONTEXT_RELOAD: Duration = Duration::from_secs(30);
+
 impl ContextCache {
-    async fn get(&mut self, pool: &Pool, device_id: &str) -> Result<ElderContext, StoreError> {
-        if let Some((at, ctx)) = self.entries.get(device_id) {
-            if at.elapsed() < Duration::from_secs(60) {
-                return Ok(ctx.clone());
-            }
+    fn new(defaults: BTreeMap<String, Threshold>) -> Self {
+        ContextCache {
+            default: Arc::new(ElderContext {
+                thresholds: defaults,
+                ..Default::default()
+            }),
+            by_device: HashMap::new(),
+            loaded: None,
+        }
+    }
+
+    async fn reload_if_due(&mut self, pool: &Pool) -> Result<(), StoreError> {
+        if self.loaded.is_some_and(|t| t.elapsed() < CONTEXT_RELOAD) {
+            return Ok(());
         }
         let client = pool.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT d.elder_id, e.thresholds, e.home_lat_e7, e.home_lon_e7, e.home_radius_m, e.wander_risk
-                 FROM devices d LEFT JOIN elders e ON e.id = d.elder_id WHERE d.device_id = $1",
-                &[&device_id],
+        let rows = client
+            .query(
+                "SELECT d.device_id, d.elder_id, e.thresholds, e.home_lat_e7, e.home_lon_e7,
+                        e.home_radius_m, e.wander_risk
+                 FROM devices d JOIN elders e ON e.id = d.elder_id",
+                &[],
             )
             .await?;
+        let mut per_elder: HashMap<i64, Arc<ElderContext>> = HashMap::new();
+        let mut by_device = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let elder_id: i64 = r.get(1);
+            let ctx = per_elder
+                .entry(elder_id)
+                .or_insert_with(|| Arc::new(self.elder_context(elder_id, r)))
+                .clone();
+            by_device.insert(r.get::<_, String>(0), ctx);
+        }
+        self.by_device = by_device;
+        self.loaded = Some(Instant::now());
+        Ok(())
+    }
+
+    fn elder_context(&self, elder_id: i64, r: &tokio_postgres::Row) -> ElderContext {
         let mut ctx = ElderContext {
-            thresholds: self.defaults.clone(),
+            elder_id: Some(elder_id),
+            thresholds: self.default.thresholds.clone(),
             ..Default::default()
         };
-        if let Some(r) = row {
-            ctx.elder_id = r.get(0);
-            if let Some(serde_json::Value::Object(map)) = r.get::<_, Option<serde_json::Value>>(1) {
-                {
-                    for (rule, v) in map {
-                        match serde_json::from_value::<Threshold>(v) {
-                            Ok(t) => {
-                                ctx.thresholds.insert(rule, t);
-                            }
-                            Err(e) => {
-                                tracing::warn!(device_id, rule, error = %e, "ignoring invalid threshold override")
-                            }
-                        }
+        if let Some(serde_json::Value::Object(map)) = r.get::<_, Option<serde_json::Value>>(2) {
+            for (rule, v) in map {
+                match serde_json::from_value::<Threshold>(v) {
+                    Ok(t) => {
+                        ctx.thresholds.insert(rule, t);
+                    }
+                    Err(e) => {
+                        tracing::warn!(elder_id, rule, error = %e, "ignoring invalid threshold override")
                     }
                 }
             }
-            let (lat, lon, radius): (Option<i32>, Option<i32>, Option<i32>) =
-                (r.get(2), r.get(3), r.get(4));
-            if let (Some(lat), Some(lon)) = (lat, lon) {
-                ctx.home = Some((
-                    lat as f64 / 1e7,
-                    lon as f64 / 1e7,
-                    radius.unwrap_or(300) as f64,
-                ));
-            }
-            ctx.wander_risk = r.get::<_, Option<bool>>(5).unwrap_or(false);
         }
-        if self.entries.len() > 200_000 {
-            self.entries.clear();
+        let (lat, lon, radius): (Option<i32>, Option<i32>, Option<i32>) =
+            (r.get(3), r.get(4), r.get(5));
+        if let (Some(lat), Some(lon)) = (lat, lon) {
+            ctx.home = Some((
+                lat as f64 / 1e7,
+                lon as f64 / 1e7,
+                radius.unwrap_or(300) as f64,
+            ));
         }
-        self.entries
-            .insert(device_id.to_string(), (Instant::now(), ctx.clone()));
-        Ok(ctx)
+        ctx.wander_risk = r.get::<_, Option<bool>>(6).unwrap_or(false);
+        ctx
+    }
+
+    fn get(&self, device_id: &str) -> Arc<ElderContext> {
+        self.by_device
+            .get(device_id)
+            .cloned()
+            .unwrap_or_else(|| self.default.clone())
     }
 }
 
@@ -241,19 +271,14 @@ pub async fn run_telemetry_rules(
             }
         }
     }
-    let mut cache = ContextCache {
-        defaults: settings.thresholds.clone(),
-        entries: HashMap::new(),
-    };
+    let mut cache = ContextCache::new(settings.thresholds.clone());
     while let Some(batch) = rx.recv().await {
+        if let Err(e) = cache.reload_if_due(&pool).await {
+            // Keep the previous contexts; a stale binding is better than no rules.
+            tracing::warn!(error = %e, "rule contexts not reloaded; using the previous ones");
+        }
         for hb in &batch {
-            let ctx = match cache.get(&pool, &hb.device_id).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(device_id = %hb.device_id, error = %e, "rule context unavailable; skipping reading");
-                    continue;
-                }
-            };
+            let ctx = cache.get(&hb.device_id);
             let day = rules::is_day(
                 hb.ts,
                 settings.utc_offset_hours,

@@ -7,28 +7,8 @@ use serde::Deserialize;
 
 use crate::config::Secret;
 
-/// Who an escalation step tells.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    GridWorker,
-    BackupGridWorker,
-    Guardian,
-    CommunitySupervisor,
-    TownshipSupervisor,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::GridWorker => "grid_worker",
-            Role::BackupGridWorker => "backup_grid_worker",
-            Role::Guardian => "guardian",
-            Role::CommunitySupervisor => "community_supervisor",
-            Role::TownshipSupervisor => "township_supervisor",
-        }
-    }
-}
+/// Who an escalation step tells: the registry's roles.
+pub use crate::store::registry::Role;
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]

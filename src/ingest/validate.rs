@@ -134,6 +134,21 @@ pub struct Location {
     pub source: i16,
 }
 
+impl Location {
+    /// The four nullable columns a location is stored in.
+    pub fn columns(l: Option<Location>) -> (Option<i32>, Option<i32>, Option<i32>, Option<i16>) {
+        match l {
+            Some(l) => (
+                Some(l.lat_e7),
+                Some(l.lon_e7),
+                Some(l.accuracy_m),
+                Some(l.source),
+            ),
+            None => (None, None, None, None),
+        }
+    }
+}
+
 /// One validated heartbeat row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Heartbeat {

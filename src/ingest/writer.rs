@@ -72,15 +72,7 @@ async fn copy_rows(
         .await?;
     let mut writer = pin!(BinaryCopyInWriter::new(sink, &HEARTBEAT_TYPES));
     for h in rows {
-        let (lat, lon, acc, src) = match h.location {
-            Some(l) => (
-                Some(l.lat_e7),
-                Some(l.lon_e7),
-                Some(l.accuracy_m),
-                Some(l.source),
-            ),
-            None => (None, None, None, None),
-        };
+        let (lat, lon, acc, src) = super::validate::Location::columns(h.location);
         let values: [&(dyn ToSql + Sync); 18] = [
             &h.device_id,
             &h.ts,
@@ -387,15 +379,7 @@ pub async fn write_event(
 ) -> Result<Option<i64>, StoreError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let (lat, lon, acc, src) = match e.location {
-        Some(l) => (
-            Some(l.lat_e7),
-            Some(l.lon_e7),
-            Some(l.accuracy_m),
-            Some(l.source),
-        ),
-        None => (None, None, None, None),
-    };
+    let (lat, lon, acc, src) = super::validate::Location::columns(e.location);
     let row = tx
         .query_opt(
             "INSERT INTO device_events (device_id, seq, kind, occurred_at, device_ts, received_at,

@@ -84,7 +84,11 @@ impl Downlink {
     pub async fn send(&self, device_id: &str, payload: Vec<u8>) -> Result<(), String> {
         let (reply, wait) = oneshot::channel();
         self.tx
-            .send((format!("sg/v1/dev/{device_id}/cmd"), payload, reply))
+            .send((
+                silverguard_proto::topics::command(device_id),
+                payload,
+                reply,
+            ))
             .await
             .map_err(|_| "downlink stopped".to_string())?;
         wait.await.map_err(|_| "downlink stopped".to_string())?

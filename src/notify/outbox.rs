@@ -129,10 +129,9 @@ impl Notifier {
     }
 
     async fn deliver(&self, row: Claimed) {
+        use tracing::Instrument;
         let span = tracing::info_span!("notify", alert_id = row.alert_id, outbox_id = row.id, channel = %row.channel);
-        let _enter = span.enter();
-        drop(_enter);
-        if let Err(e) = self.deliver_inner(&row).await {
+        if let Err(e) = self.deliver_inner(&row).instrument(span).await {
             // The lease expires and another attempt follows.
             tracing::warn!(alert_id = row.alert_id, outbox_id = row.id, error = %e, "delivery bookkeeping failed");
         }

@@ -7,13 +7,7 @@ use super::StoreError;
 use deadpool_postgres::Pool;
 
 /// Whether a string is a valid device id (DESIGN.md: IMEI or `[A-Za-z0-9_-]{1,64}`).
-pub fn is_valid_device_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
+pub use silverguard_proto::topics::is_valid_device_id;
 
 #[derive(Debug, Clone, Default)]
 pub struct NewDevices {
