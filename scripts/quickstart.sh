@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Quickstart: from a fresh Debian/Ubuntu machine to bracelets streaming into PostgreSQL.
-# Installs and starts PostgreSQL and Mosquitto when missing, builds Silverguard, migrates,
-# provisions a small simulated fleet, runs silverguard with it, and shows the rows arriving.
-# Idempotent: run it again at any time. Ctrl-C stops the fleet and the service.
+# Quickstart: from a fresh Debian/Ubuntu machine to bracelets streaming into PostgreSQL and
+# alerts reaching people. Installs and starts PostgreSQL and Mosquitto when missing, builds
+# Silverguard, migrates, imports a registry for a small simulated fleet (elders, grid workers,
+# guardians), starts a local SMTP sink that keeps every mail in .run/mail, runs silverguard
+# and the fleet, and shows rows, alerts and mails arriving.
+# Idempotent: run it again at any time. Ctrl-C stops the fleet, the service and the SMTP sink.
 #
 # Environment: QUICKSTART_DEVICES (default 50), QUICKSTART_INTERVAL (default 2s),
 # QUICKSTART_SECONDS (default 0 = run until Ctrl-C), QUICKSTART_BROKER_PORT (default 18830),
-# QUICKSTART_HTTP_ADDR (default 127.0.0.1:8080).
+# QUICKSTART_HTTP_ADDR (default 127.0.0.1:8080), QUICKSTART_SMTP_PORT (default 18825),
+# SILVERGUARD_DATABASE_URL (default: database "silverguard" on 127.0.0.1:5432).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -16,11 +19,15 @@ INTERVAL=${QUICKSTART_INTERVAL:-2s}
 SECONDS_TO_RUN=${QUICKSTART_SECONDS:-0}
 PORT=${QUICKSTART_BROKER_PORT:-18830}
 HTTP=${QUICKSTART_HTTP_ADDR:-127.0.0.1:8080}
+SMTP_PORT=${QUICKSTART_SMTP_PORT:-18825}
+SCENARIOS="normal=80,sos=4,fall=4,fever=4,tachycardia=4,malformed=4"
+MAILDIR="$RUN_DIR/mail"
 
 ensure_rust
 apt_install pkg-config
 ensure_postgres
 ensure_broker "$PORT"
+ensure_smtp_tools
 
 log "building (release)"
 cargo build --release --workspace --locked -q
@@ -29,17 +36,51 @@ BIN="$ROOT/target/release"
 export SILVERGUARD_DATABASE_URL="${SILVERGUARD_DATABASE_URL:-$SILVERGUARD_PG_BASE/silverguard}"
 export SILVERGUARD_MQTT_URL="mqtt://127.0.0.1:$PORT"
 export SILVERGUARD_HTTP_ADDR="$HTTP"
-export SILVERGUARD_BIN="$BIN/silverguard"
 export SILVERGUARD_MQTT__CLIENT_ID="silverguard-quickstart"
+# Mail goes to the local sink; SMS stays unconfigured (notify.sms.provider = "none"), so every
+# SMS fails at once and falls back to email where the contact was not mailed already.
+export SILVERGUARD_SMTP_URL="smtp://127.0.0.1:$SMTP_PORT?tls=none"
+# Acknowledge links in the mails point at this instance.
+export SILVERGUARD_ALERTS__PUBLIC_URL="http://$HTTP"
 
 "$BIN/silverguard" migrate
 
+# One elder per simulated bracelet, with the people who answer for them (docs/registry.md).
+# The import provisions the bracelets and binds them; running it again changes nothing.
+log "importing the registry of the simulated fleet (.run/quickstart-registry.csv)"
+"$BIN/bracelet-sim" ids --devices "$DEVICES" --id-prefix qs- --scenario "$SCENARIOS" --with-scenario \
+  | "$ROOT/scripts/quickstart_registry.sh" > "$RUN_DIR/quickstart-registry.csv"
+"$BIN/silverguard" import "$RUN_DIR/quickstart-registry.csv"
+
 pids=()
+sink=""
 cleanup() {
-  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  trap - EXIT INT TERM
+  # The fleet and the service first (silverguard finishes the deliveries in progress), then
+  # the SMTP sink they deliver to.
+  for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  if [ -n "$sink" ]; then kill -TERM "$sink" 2>/dev/null || true; wait "$sink" 2>/dev/null || true; fi
+  rm -f "$RUN_DIR/smtp-sink.pid"
 }
 trap cleanup EXIT INT TERM
+
+# A sink left behind by an earlier run that was killed would hold the port.
+if [ -f "$RUN_DIR/smtp-sink.pid" ] && kill -0 "$(cat "$RUN_DIR/smtp-sink.pid")" 2>/dev/null \
+   && grep -q smtp_sink "/proc/$(cat "$RUN_DIR/smtp-sink.pid")/cmdline" 2>/dev/null; then
+  kill -TERM "$(cat "$RUN_DIR/smtp-sink.pid")" 2>/dev/null || true
+  sleep 0.5
+fi
+log "starting the SMTP sink on 127.0.0.1:$SMTP_PORT (mails: .run/mail/*.json)"
+python3 "$ROOT/scripts/smtp_sink.py" --port "$SMTP_PORT" --maildir "$MAILDIR" \
+  >"$RUN_DIR/smtp-sink.log" 2>&1 &
+sink=$!
+echo "$sink" > "$RUN_DIR/smtp-sink.pid"
+for _ in $(seq 1 50); do
+  grep -q listening "$RUN_DIR/smtp-sink.log" 2>/dev/null && break
+  kill -0 "$sink" 2>/dev/null || { cat "$RUN_DIR/smtp-sink.log"; die "the SMTP sink exited (port $SMTP_PORT in use?)"; }
+  sleep 0.2
+done
+grep -q listening "$RUN_DIR/smtp-sink.log" || die "the SMTP sink did not start (see .run/smtp-sink.log)"
 
 log "starting silverguard (logs: .run/silverguard.log)"
 "$BIN/silverguard" serve >"$RUN_DIR/silverguard.log" 2>&1 &
@@ -52,26 +93,31 @@ done
 curl -fsS "http://$HTTP/readyz" >/dev/null || die "silverguard is not ready (see .run/silverguard.log)"
 
 log "starting $DEVICES simulated bracelets every $INTERVAL (normal, plus SOS, fall, fever, tachycardia, malformed)"
-"$BIN/bracelet-sim" run --provision --devices "$DEVICES" --interval "$INTERVAL" \
-  --id-prefix qs- --scenario "normal=80,sos=4,fall=4,fever=4,tachycardia=4,malformed=4" --quiet \
+"$BIN/bracelet-sim" run --devices "$DEVICES" --interval "$INTERVAL" \
+  --id-prefix qs- --scenario "$SCENARIOS" --quiet \
   >"$RUN_DIR/bracelet-sim.log" 2>&1 &
-pids+=($!)
+pids=("$!" "${pids[@]}")
+SERVICE=${pids[1]}
 
 PSQL=(psql "$SILVERGUARD_DATABASE_URL" -qtA -F ' | ')
 start=$(date +%s)
 while :; do
   sleep 2
   clear 2>/dev/null || true
-  echo "Silverguard quickstart — $DEVICES bracelets → Mosquitto :$PORT → silverguard → PostgreSQL"
+  echo "Silverguard quickstart — $DEVICES bracelets → Mosquitto :$PORT → silverguard → PostgreSQL → mail in .run/mail"
   echo "metrics: http://$HTTP/metrics   logs: .run/silverguard.log   Ctrl-C to stop"
   echo
   "${PSQL[@]}" -c "SELECT 'heartbeats: ' || count(*) FROM heartbeats" \
                -c "SELECT 'events:     ' || count(*) || '  (' || coalesce(string_agg(kind || '=' || n, ', '), '') || ')' FROM (SELECT kind, count(*) n FROM device_events GROUP BY kind) k" \
                -c "SELECT 'rejects:    ' || count(*) || '  (' || coalesce(string_agg(reason || '=' || n, ', '), '') || ')' FROM (SELECT reason, count(*) n FROM ingest_rejects GROUP BY reason) r" \
+               -c "SELECT 'outbox:     ' || coalesce(string_agg(channel || ' ' || status || '=' || n, ', ' ORDER BY channel, status), '') FROM (SELECT channel, status, count(*) n FROM outbox GROUP BY 1, 2) o" \
                2>/dev/null || true
+  echo "mails:      $(find "$MAILDIR" -maxdepth 1 -name '*.json' 2>/dev/null | wc -l) in .run/mail"
   echo
   echo "latest heartbeats:"
-  psql "$SILVERGUARD_DATABASE_URL" -c "SELECT device_id, to_char(ts, 'HH24:MI:SS') AS at, heart_rate_bpm AS hr, spo2_pct AS spo2, systolic_mmhg || '/' || diastolic_mmhg AS bp, skin_temp_dc/10.0 AS temp_c, steps_today AS steps, battery_pct AS bat, worn FROM heartbeats ORDER BY ts DESC LIMIT 8" 2>/dev/null || true
-  kill -0 "${pids[0]}" 2>/dev/null || { tail -n 30 "$RUN_DIR/silverguard.log"; die "silverguard exited"; }
+  psql "$SILVERGUARD_DATABASE_URL" -c "SELECT device_id, to_char(ts, 'HH24:MI:SS') AS at, heart_rate_bpm AS hr, spo2_pct AS spo2, systolic_mmhg || '/' || diastolic_mmhg AS bp, round(skin_temp_dc/10.0, 1) AS temp_c, steps_today AS steps, battery_pct AS bat, worn FROM heartbeats ORDER BY ts DESC LIMIT 8" 2>/dev/null || true
+  echo "active alerts (silverguard alert list; details: silverguard alert show ID):"
+  "$BIN/silverguard" alert list --limit 10 2>/dev/null || true
+  kill -0 "$SERVICE" 2>/dev/null || { tail -n 30 "$RUN_DIR/silverguard.log"; die "silverguard exited"; }
   if [ "$SECONDS_TO_RUN" -gt 0 ] && [ $(( $(date +%s) - start )) -ge "$SECONDS_TO_RUN" ]; then break; fi
 done

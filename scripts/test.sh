@@ -21,4 +21,16 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo test"
 cargo test --workspace --locked -- "$@"
+# The bench's smoke version: a few seconds of load with SOS on top, end to end through the
+# built binaries, asserting zero loss (not speed; performance runs are scripts/bench.sh).
+SMOKE_PORT=${SILVERGUARD_SMOKE_BROKER_PORT:-18841}
+ensure_broker "$SMOKE_PORT"
+mkdir -p target/bench
+log "bracelet-sim bench --smoke"
+cargo run -q --locked -p firmware-sim --bin bracelet-sim -- bench --smoke \
+  --mqtt-url "mqtt://127.0.0.1:$SMOKE_PORT" \
+  --pg-base "$SILVERGUARD_PG_BASE" \
+  --silverguard-bin target/debug/silverguard \
+  --service-log target/bench/smoke-silverguard.log \
+  --json target/bench/smoke.json
 log "all tests passed"

@@ -112,7 +112,7 @@ pub struct ChannelLabel {
 pub struct NotifyMetrics {
     attempts: Family<DeliveryLabel, Counter>,
     attempt_seconds: Family<ChannelLabel, Histogram, fn() -> Histogram>,
-    /// Outbox row created (alert committed) to delivery accepted by the provider.
+    /// Outbox row created (in the alert's transaction) to delivery accepted by the provider.
     queued_to_delivered_seconds: Family<ChannelLabel, Histogram, fn() -> Histogram>,
 }
 
@@ -283,7 +283,7 @@ impl Metrics {
             );
         r.register(
             "notify_queued_to_delivered_seconds",
-            "From the alert's commit to the provider accepting the notification, by channel",
+            "From the outbox row (written in the alert's transaction) to the provider accepting the notification, by channel",
             queued_to_delivered_seconds.clone(),
         );
         Metrics {

@@ -21,6 +21,8 @@
 //!   reconnects with backoff, and matches PUBACKs to published messages.
 //! * [`send`]: one message, for manual checks (`bracelet-sim send`).
 //! * [`topics`]: topic names and the device-id rule.
+//! * [`bench`]: `bracelet-sim bench`, SOS → SMS latency under heartbeat load against a
+//!   `silverguard serve` it starts itself (docs/performance.md).
 //!
 //! # Example
 //!
@@ -42,6 +44,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 mod error;
 mod fleet;
 mod link;

@@ -5,9 +5,12 @@
 //!   final [`FleetReport`] as JSON on request.
 //! * `ids`: the device ids the same flags produce, for shell scripts that provision.
 //! * `send`: one message from one device, waiting for the broker's acknowledgement.
+//! * `bench`: SOS → SMS latency under heartbeat load against a `silverguard serve` it starts
+//!   itself, with its own database and stand-in SMS gateway (docs/performance.md).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use firmware_sim::bench::BenchConfig;
 use firmware_sim::send::{send_one, OneShot};
 use firmware_sim::{
     device_ids, device_plan, now_unix_ms, run_fleet, FleetConfig, FleetReport, ScenarioMix,
@@ -40,6 +43,8 @@ enum Command {
     Ids(IdsArgs),
     /// Publish one message as one device and wait for the broker's acknowledgement.
     Send(SendArgs),
+    /// Measure SOS -> SMS latency under heartbeat load against a silverguard it starts itself.
+    Bench(BenchArgs),
 }
 
 /// Flags shared by `run` and `ids`, so a script can pass the same ones to both.
@@ -216,6 +221,125 @@ struct SendArgs {
     no_location: bool,
 }
 
+/// `bracelet-sim bench`. Unset numbers take the standard values (5,000 hb/s, 60 s) or, with
+/// `--smoke`, the smoke values (500 hb/s, 5 s).
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Broker shared by the service and the bench; start it from deploy/mosquitto.conf.
+    #[arg(
+        long,
+        env = "SILVERGUARD_MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
+    mqtt_url: String,
+    /// PostgreSQL server (no database name); the bench creates sg_bench_<random> on it.
+    #[arg(
+        long,
+        env = "SILVERGUARD_PG_BASE",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    pg_base: String,
+    /// Keep the bench database afterwards (it is dropped by default).
+    #[arg(long)]
+    keep_db: bool,
+    /// The silverguard binary to run (build it with --release for figures that mean anything).
+    #[arg(
+        long,
+        env = "SILVERGUARD_BIN",
+        default_value = "target/release/silverguard"
+    )]
+    silverguard_bin: PathBuf,
+    /// File for silverguard's log [default: in the temp dir, named after the database].
+    #[arg(long)]
+    service_log: Option<PathBuf>,
+    /// Extra service setting, KEY=VALUE with a SILVERGUARD_ key (repeatable), e.g.
+    /// SILVERGUARD_INGEST__WRITERS=4.
+    #[arg(long, value_parser = parse_env_pair)]
+    service_env: Vec<(String, String)>,
+    /// Small and short (200 devices, 500 hb/s, 5 s, 5 SOS): asserts zero loss, not speed.
+    #[arg(long)]
+    smoke: bool,
+    /// Heartbeats per second offered, all devices together [default: 5000; smoke 500].
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Load bracelets (bench-hb-NNNNNN) [default: 5000; smoke 200].
+    #[arg(long)]
+    devices: Option<usize>,
+    /// MQTT connections the load bracelets are multiplexed over [default: 8; smoke 2].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Measured window [default: 60s; smoke 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Load before the window [default: 10s; smoke 2s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    warmup: Option<Duration>,
+    /// SOS presses per second, in the window and in the idle phase [default: 2; smoke 1].
+    #[arg(long)]
+    sos_rate: Option<f64>,
+    /// SOS presses with no load, before it starts: the baseline [default: 20; smoke 3].
+    #[arg(long)]
+    idle_sos: Option<usize>,
+    /// SOS devices, one per press [default: idle + sos-rate x duration + 10 % (at least 5)].
+    #[arg(long)]
+    sos_devices: Option<usize>,
+    /// An SOS without an SMS this long after its publish is lost.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    sos_timeout: Duration,
+    /// How long the committed count may keep growing after the load stops.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Seed of the bracelets' physiology.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the report as JSON to this file ("-" for stdout; the table then goes to stderr).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl BenchArgs {
+    fn config(&self) -> BenchConfig {
+        let base = if self.smoke {
+            BenchConfig::smoke()
+        } else {
+            BenchConfig::standard()
+        };
+        let mut c = BenchConfig {
+            mqtt_url: self.mqtt_url.clone(),
+            pg_base: self.pg_base.clone(),
+            keep_db: self.keep_db,
+            silverguard_bin: self.silverguard_bin.clone(),
+            service_log: self.service_log.clone(),
+            service_env: self.service_env.clone(),
+            rate: self.rate.unwrap_or(base.rate),
+            devices: self.devices.unwrap_or(base.devices),
+            connections: self.connections.unwrap_or(base.connections),
+            duration: self.duration.unwrap_or(base.duration),
+            warmup: self.warmup.unwrap_or(base.warmup),
+            sos_rate: self.sos_rate.unwrap_or(base.sos_rate),
+            idle_sos: self.idle_sos.unwrap_or(base.idle_sos),
+            sos_timeout: self.sos_timeout,
+            drain_timeout: self.drain_timeout.unwrap_or(base.drain_timeout),
+            seed: self.seed,
+            quiet: self.quiet,
+            ..base
+        };
+        c.sos_devices = self.sos_devices.unwrap_or_else(|| c.needed_sos_devices());
+        c
+    }
+}
+
+/// `KEY=VALUE` for `--service-env`.
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
 /// `-3h`, `+2h`, `90s`, `0` → signed milliseconds.
 fn parse_offset(s: &str) -> Result<i64, String> {
     let s = s.trim();
@@ -247,6 +371,7 @@ async fn main() -> std::process::ExitCode {
         Command::Run(args) => run(args).await,
         Command::Ids(args) => ids(args),
         Command::Send(args) => send(args).await,
+        Command::Bench(args) => bench(args).await,
     };
     match result {
         Ok(code) => code,
@@ -255,6 +380,43 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
+    let cfg = args.config();
+    let cancel = cfg.cancel.clone();
+    // Ctrl-C or SIGTERM: stop at once, but still stop the service and drop the database.
+    tokio::spawn(async move {
+        if wait_for_stop_signal().await.is_ok() {
+            eprintln!("bracelet-sim bench: interrupted; cleaning up");
+            cancel.cancel();
+        }
+    });
+    let report = firmware_sim::bench::run(cfg).await.context("bench")?;
+    let table = report.table();
+    let json = serde_json::to_string_pretty(&report)?;
+    match &args.json {
+        Some(path) if path.as_os_str() == "-" => {
+            eprint!("{table}");
+            println!("{json}");
+        }
+        Some(path) => {
+            print!("{table}");
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(path, json + "\n")
+                .with_context(|| format!("writing the report to {}", path.display()))?;
+            eprintln!("bracelet-sim bench: report written to {}", path.display());
+        }
+        None => print!("{table}"),
+    }
+    Ok(if report.passed {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(2)
+    })
 }
 
 fn ids(args: IdsArgs) -> Result<std::process::ExitCode> {
@@ -643,5 +805,39 @@ mod tests {
         assert_eq!(cfg.clock_offset_ms, -3 * 3_600_000);
         assert!(Cli::try_parse_from(["bracelet-sim", "run", "--scenario", "nope"]).is_err());
         assert!(Cli::try_parse_from(["bracelet-sim", "run", "--qos", "3"]).is_err());
+    }
+
+    #[test]
+    fn bench_flags_override_presets() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["bracelet-sim", "bench"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v).unwrap().command {
+                Command::Bench(b) => b.config(),
+                _ => panic!("not bench"),
+            }
+        };
+        let std = parse(&[]);
+        assert_eq!((std.rate, std.devices, std.connections), (5000.0, 5000, 8));
+        assert_eq!(std.sos_devices, 152);
+        let smoke = parse(&["--smoke", "--rate", "800"]);
+        assert!(smoke.smoke);
+        assert_eq!((smoke.rate, smoke.devices), (800.0, 200));
+        assert_eq!(smoke.duration, Duration::from_secs(5));
+        let c = parse(&[
+            "--duration",
+            "2m",
+            "--sos-rate",
+            "4",
+            "--service-env",
+            "SILVERGUARD_INGEST__WRITERS=4",
+        ]);
+        assert_eq!(c.loaded_sos(), 480);
+        assert_eq!(c.sos_devices, 20 + 480 + 48);
+        assert_eq!(
+            c.service_env,
+            vec![("SILVERGUARD_INGEST__WRITERS".to_string(), "4".to_string())]
+        );
+        assert!(Cli::try_parse_from(["bracelet-sim", "bench", "--service-env", "X"]).is_err());
     }
 }

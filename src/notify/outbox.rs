@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Timelike, Utc};
 use deadpool_postgres::Pool;
-use futures::StreamExt;
 use serde_json::json;
 use silverguard_proto::v1 as pb;
 use silverguard_proto::Message;
@@ -64,31 +63,50 @@ struct Claimed {
 const LEASE: Duration = Duration::from_secs(60);
 
 impl Notifier {
-    /// Runs until cancelled: wakes on `sg_outbox` notifications or every 200 ms.
+    /// Runs until cancelled: wakes on `sg_outbox` notifications or every 200 ms. Each row is
+    /// delivered by its own task (at most `CONCURRENCY` at once), and claiming continues as
+    /// soon as a slot frees: a provider that hangs until its timeout must not hold back the
+    /// next SOS.
     pub async fn run(self, wake: Arc<Notify>, cancel: CancellationToken) {
+        const CONCURRENCY: usize = 32;
+        let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+        let mut tasks = tokio::task::JoinSet::new();
         loop {
-            match self.claim(32).await {
-                Ok(rows) if !rows.is_empty() => {
-                    let n = rows.len();
-                    futures::stream::iter(rows)
-                        .for_each_concurrent(16, |row| {
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits();
+            let mut claimed_full = false;
+            if free > 0 {
+                match self.claim(free as i64).await {
+                    Ok(rows) => {
+                        claimed_full = rows.len() == free;
+                        for row in rows {
+                            let Ok(permit) = slots.clone().acquire_owned().await else {
+                                break;
+                            };
                             let this = self.clone();
-                            async move { this.deliver(row).await }
-                        })
-                        .await;
-                    if n == 32 {
-                        continue;
+                            tasks.spawn(async move {
+                                this.deliver(row).await;
+                                drop(permit);
+                            });
+                        }
                     }
+                    Err(e) => tracing::warn!(error = %e, "outbox claim failed; will retry"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "outbox claim failed; will retry"),
+            }
+            if claimed_full {
+                continue;
             }
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                // A slot freed while every slot was busy: claim again at once.
+                Some(_) = tasks.join_next(), if free == 0 => {}
             }
         }
+        // Deliveries in progress finish (bounded by the caller's timeout); unclaimed rows
+        // stay in the outbox.
+        while tasks.join_next().await.is_some() {}
     }
 
     async fn claim(&self, limit: i64) -> Result<Vec<Claimed>, StoreError> {

@@ -1,0 +1,206 @@
+//! The bench database: created fresh for each run (`sg_bench_<random>`), counted, and
+//! dropped at the end. The bench reads it only to count what the service committed and to
+//! split each SOS's latency into stages; everything else goes through `silverguard` itself.
+
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+
+use super::BenchError;
+
+/// `base` (`postgres://user@host:port`, maybe with a query) with `db` as its database.
+pub fn url_for(base: &str, db: &str) -> Result<String, BenchError> {
+    let mut u = url::Url::parse(base)
+        .map_err(|e| BenchError::Config(format!("--pg-base {base:?} is not a URL: {e}")))?;
+    if !matches!(u.scheme(), "postgres" | "postgresql") {
+        return Err(BenchError::Config(format!(
+            "--pg-base {base:?} must start with postgres://"
+        )));
+    }
+    u.set_path(&format!("/{db}"));
+    Ok(u.to_string())
+}
+
+/// A random, valid, unquoted database name.
+pub fn fresh_name() -> String {
+    format!("sg_bench_{:08x}", rand::random::<u32>())
+}
+
+/// The error with its causes ("error connecting to server: Connection refused").
+fn chain(e: &tokio_postgres::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+async fn connect(url: &str) -> Result<Client, BenchError> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| BenchError::Db(format!("connecting to {}: {}", redact(url), chain(&e))))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "bench database connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn db_err(what: &str) -> impl Fn(tokio_postgres::Error) -> BenchError + '_ {
+    move |e| BenchError::Db(format!("{what}: {}", chain(&e)))
+}
+
+/// The server, through its maintenance database.
+pub struct Server {
+    admin: Client,
+}
+
+impl Server {
+    pub async fn connect(base: &str) -> Result<Server, BenchError> {
+        Ok(Server {
+            admin: connect(&url_for(base, "postgres")?).await?,
+        })
+    }
+
+    /// `SHOW server_version`.
+    pub async fn version(&self) -> Option<String> {
+        let row = self
+            .admin
+            .query_one("SHOW server_version", &[])
+            .await
+            .ok()?;
+        row.try_get(0).ok()
+    }
+
+    /// Creates `name`; fails if it exists (a bench never reuses a database).
+    pub async fn create(&self, name: &str) -> Result<(), BenchError> {
+        self.admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .map_err(db_err("creating the bench database"))
+    }
+
+    /// Drops `name`, closing whatever sessions are left (PostgreSQL 13+).
+    pub async fn drop_db(&self, name: &str) -> Result<(), BenchError> {
+        self.admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .map_err(db_err("dropping the bench database"))
+    }
+}
+
+/// When each stage of one SOS happened, on the database server's clock (the same machine as
+/// the bench, so comparable with the bench's wall clock). Unix milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SosTrace {
+    /// silverguard took the message from the broker (`device_events.received_at`).
+    pub received_ms: f64,
+    /// The alert and its outbox rows were written, just before commit (the timeline's
+    /// `notified` entry, at `clock_timestamp()`).
+    pub queued_ms: Option<f64>,
+    /// The notifier started the successful SMS request (`delivery_attempts.at`, written
+    /// after the request, minus its `duration_ms`).
+    pub send_started_ms: Option<f64>,
+}
+
+/// The bench database.
+pub struct BenchDb {
+    client: Client,
+}
+
+impl BenchDb {
+    pub async fn connect(url: &str) -> Result<BenchDb, BenchError> {
+        Ok(BenchDb {
+            client: connect(url).await?,
+        })
+    }
+
+    /// Heartbeat rows committed so far.
+    pub async fn heartbeats(&self) -> Result<u64, BenchError> {
+        let row = self
+            .client
+            .query_one("SELECT count(*) FROM heartbeats", &[])
+            .await
+            .map_err(db_err("counting heartbeats"))?;
+        let n: i64 = row.try_get(0).map_err(db_err("counting heartbeats"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Polls the heartbeat count until it reaches `expected` or has not grown for `quiet`,
+    /// at most `limit` in all; returns the last count.
+    pub async fn wait_heartbeats_settled(
+        &self,
+        expected: u64,
+        quiet: Duration,
+        limit: Duration,
+    ) -> Result<u64, BenchError> {
+        let start = tokio::time::Instant::now();
+        let mut last = self.heartbeats().await?;
+        let mut last_change = tokio::time::Instant::now();
+        while last < expected && start.elapsed() < limit && last_change.elapsed() < quiet {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let n = self.heartbeats().await?;
+            if n != last {
+                last = n;
+                last_change = tokio::time::Instant::now();
+            }
+        }
+        Ok(last)
+    }
+
+    /// Per SOS device: when silverguard received its SOS, when the alert's notifications
+    /// were queued and when the SMS request started.
+    pub async fn sos_traces(&self) -> Result<HashMap<String, SosTrace>, BenchError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT e.device_id,
+                        (extract(epoch FROM e.received_at) * 1000.0)::float8,
+                        (SELECT (extract(epoch FROM min(t.at)) * 1000.0)::float8
+                           FROM alert_timeline t
+                          WHERE t.alert_id = a.id AND t.entry = 'notified'),
+                        (SELECT (extract(epoch FROM d.at) * 1000.0 - d.duration_ms)::float8
+                           FROM outbox o JOIN delivery_attempts d ON d.outbox_id = o.id
+                          WHERE o.alert_id = a.id AND o.channel = 'sms' AND d.ok
+                          ORDER BY d.id LIMIT 1)
+                   FROM device_events e
+                   LEFT JOIN alerts a ON a.source_event_id = e.id
+                  WHERE e.kind = 'sos'",
+                &[],
+            )
+            .await
+            .map_err(db_err("reading SOS timings"))?;
+        let mut out = HashMap::new();
+        for r in rows {
+            // The split is informative, not the verdict: a row that does not read is skipped.
+            let (Ok(id), Ok(received)) = (r.try_get::<_, String>(0), r.try_get::<_, f64>(1)) else {
+                continue;
+            };
+            let opt = |i: usize| r.try_get::<_, Option<f64>>(i).ok().flatten();
+            out.insert(
+                id,
+                SosTrace {
+                    received_ms: received,
+                    queued_ms: opt(2),
+                    send_started_ms: opt(3),
+                },
+            );
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,798 @@
+//! `bracelet-sim bench`: how long an SOS takes to reach a person's phone while the pipeline
+//! ingests a heavy heartbeat stream (issue 3: p99 ≤ 500 ms at 5,000 heartbeats/s), measured
+//! end to end against a real broker, a real PostgreSQL and the real `silverguard serve`.
+//!
+//! # What one run does
+//!
+//! 1. Starts a stand-in SMS gateway ([`gateway`]) on 127.0.0.1; the arrival of a POST there
+//!    is "the notification was accepted by a provider".
+//! 2. Creates a fresh database `sg_bench_<random>` (dropped at the end unless `keep_db`),
+//!    migrates it and provisions the fleet with the service's own admin commands
+//!    ([`provision`]): `devices` load bracelets, and one SOS bracelet per SOS to be pressed,
+//!    each bound to its own elder whose grid worker has a unique phone.
+//! 3. Starts `silverguard serve` as a child ([`service`]) pointed at the broker, the database
+//!    and the gateway, and waits for `/readyz`.
+//! 4. Idle phase: `idle_sos` SOS presses with no other traffic: the baseline.
+//! 5. Load phase ([`load`]): `rate` heartbeats/s from `devices` bracelets over `connections`
+//!    MQTT connections; after `warmup`, a measured window of `duration` during which SOS are
+//!    pressed at `sos_rate` ([`sos`]), the committed row count, CPU time, memory and the
+//!    service's own histograms are sampled at both ends.
+//! 6. Drain: waits for acknowledgements, for every SMS (at most `sos_timeout` after its SOS)
+//!    and for the heartbeat count to stop growing; then stops the service.
+//! 7. Reports ([`report`]): committed heartbeats/s, losses, SOS latency idle and loaded with
+//!    their p99 ratio, where the loaded SOS latency goes (from database timestamps), CPU and
+//!    RSS. A lost SOS or a lost heartbeat fails the run.
+//!
+//! # Growing it (issue 5)
+//!
+//! The pieces are separate on purpose: [`load::Load`] is a paced multi-connection publisher
+//! that a rate ramp can drive step by step, [`stats::Histogram`] reads any of the service's
+//! histograms (ingest lag next), and [`report::BenchReport`] is plain data for a plot.
+
+pub mod conn;
+pub mod db;
+pub mod gateway;
+pub mod load;
+pub mod provision;
+pub mod report;
+pub mod service;
+pub mod sos;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::BrokerAddr;
+use gateway::SmsGateway;
+use load::{Load, LoadSettings};
+use report::{BenchReport, HistSummary, Stages};
+use service::{Service, ServiceCmd};
+use sos::{Injector, Outcome, SosSummary};
+use stats::{Histogram, LatencySummary};
+
+/// Why a bench run could not be carried out (as opposed to a run that measured a failure,
+/// which is a [`BenchReport`] with `passed = false`).
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("invalid bench settings: {0}")]
+    Config(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Db(String),
+    #[error("silverguard: {0}")]
+    Service(String),
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl BenchError {
+    pub(crate) fn io(context: &str, source: std::io::Error) -> BenchError {
+        BenchError::Io {
+            context: context.to_string(),
+            source,
+        }
+    }
+}
+
+/// Everything a run needs. [`BenchConfig::standard`] and [`BenchConfig::smoke`] give the two
+/// presets; the command line overrides single fields.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Broker the service and the bench both use (`mqtt://host:port`).
+    pub mqtt_url: String,
+    /// PostgreSQL server, without a database name (`postgres://user@host:port`).
+    pub pg_base: String,
+    /// Keep the bench database after the run (for inspection).
+    pub keep_db: bool,
+    pub silverguard_bin: PathBuf,
+    /// Where the service's log goes [default: the temp dir, named after the database].
+    pub service_log: Option<PathBuf>,
+    /// Extra `SILVERGUARD_*` settings for the service (tuning experiments).
+    pub service_env: Vec<(String, String)>,
+    pub smoke: bool,
+    /// Heartbeats per second offered, all devices together.
+    pub rate: f64,
+    pub devices: usize,
+    pub connections: usize,
+    /// Load before the measured window starts.
+    pub warmup: Duration,
+    /// The measured window.
+    pub duration: Duration,
+    /// SOS presses per second during the window (and the idle phase).
+    pub sos_rate: f64,
+    /// SOS presses before the load starts: the idle baseline.
+    pub idle_sos: usize,
+    /// SOS devices provisioned; at least `idle_sos` + what the window needs.
+    pub sos_devices: usize,
+    /// An SOS whose SMS has not arrived this long after its publish is lost.
+    pub sos_timeout: Duration,
+    /// After the load stops: how long the committed count may keep growing.
+    pub drain_timeout: Duration,
+    pub seed: u64,
+    /// No progress lines on stderr.
+    pub quiet: bool,
+    /// Cancelling stops the run at once (the service is killed, the database dropped).
+    pub cancel: CancellationToken,
+}
+
+impl BenchConfig {
+    /// Issue 3's measurement: 5,000 heartbeats/s from 5,000 bracelets, 60 s measured.
+    pub fn standard() -> BenchConfig {
+        let mut c = BenchConfig {
+            mqtt_url: "mqtt://127.0.0.1:1883".into(),
+            pg_base: "postgres://postgres@127.0.0.1:5432".into(),
+            keep_db: false,
+            silverguard_bin: PathBuf::from("target/release/silverguard"),
+            service_log: None,
+            service_env: Vec::new(),
+            smoke: false,
+            rate: 5000.0,
+            devices: 5000,
+            connections: 8,
+            warmup: Duration::from_secs(10),
+            duration: Duration::from_secs(60),
+            sos_rate: 2.0,
+            idle_sos: 20,
+            sos_devices: 0,
+            sos_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(60),
+            seed: 1,
+            quiet: false,
+            cancel: CancellationToken::new(),
+        };
+        c.sos_devices = c.needed_sos_devices();
+        c
+    }
+
+    /// The CI smoke run: small and short (about 20 s), to assert zero loss, not speed.
+    pub fn smoke() -> BenchConfig {
+        let mut c = BenchConfig {
+            smoke: true,
+            rate: 500.0,
+            devices: 200,
+            connections: 2,
+            warmup: Duration::from_secs(2),
+            duration: Duration::from_secs(5),
+            sos_rate: 1.0,
+            idle_sos: 3,
+            drain_timeout: Duration::from_secs(20),
+            ..BenchConfig::standard()
+        };
+        c.sos_devices = c.needed_sos_devices();
+        c
+    }
+
+    /// SOS presses the window makes: `sos_rate × duration`.
+    pub fn loaded_sos(&self) -> usize {
+        (self.sos_rate * self.duration.as_secs_f64()).floor() as usize
+    }
+
+    /// One device per SOS: the idle ones, the window's, and a 10 % margin (at least 5).
+    pub fn needed_sos_devices(&self) -> usize {
+        let loaded = self.loaded_sos();
+        self.idle_sos + loaded + (loaded / 10).max(5)
+    }
+
+    pub fn validate(&self) -> Result<(), BenchError> {
+        let mut p = Vec::new();
+        if !(self.rate > 0.0 && self.rate.is_finite()) {
+            p.push("--rate must be above 0".to_string());
+        }
+        if self.devices == 0 || self.devices > 999_999 {
+            p.push("--devices must be between 1 and 999999".into());
+        }
+        if self.connections == 0 || self.connections > self.devices {
+            p.push("--connections must be between 1 and --devices".into());
+        }
+        if self.duration.is_zero() {
+            p.push("--duration must be above 0".into());
+        }
+        if !(self.sos_rate > 0.0 && self.sos_rate <= 100.0) {
+            p.push("--sos-rate must be above 0 and at most 100".into());
+        }
+        if self.sos_devices < self.idle_sos + 1 {
+            p.push(format!(
+                "--sos-devices must be above --idle-sos ({}): each SOS needs its own device",
+                self.idle_sos
+            ));
+        }
+        if self.sos_devices > 99_999_999 {
+            p.push("--sos-devices must be at most 99999999".into());
+        }
+        for (k, _) in &self.service_env {
+            if !k.starts_with("SILVERGUARD_") {
+                p.push(format!("--service-env {k}: only SILVERGUARD_* settings"));
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(BenchError::Config(p.join("; ")))
+        }
+    }
+}
+
+/// Runs the bench (see the module docs). `Err` only when the run could not be carried out.
+pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
+    cfg.validate()?;
+    let broker = BrokerAddr::parse(&cfg.mqtt_url).map_err(|e| BenchError::Config(e.to_string()))?;
+    // Fail fast on a broker that is not there, before anything is created.
+    let probe = conn::Conn::open(
+        conn::ConnSettings {
+            broker: broker.clone(),
+            client_id: format!("bench-probe-{:08x}", rand::random::<u32>()),
+            inflight: 1,
+            channel: 4,
+        },
+        std::sync::Arc::new(conn::ConnCounters::default()),
+        None,
+        Duration::from_secs(5),
+    )
+    .await?;
+    probe.close().await;
+    let server = db::Server::connect(&cfg.pg_base).await?;
+    let name = db::fresh_name();
+    server.create(&name).await?;
+    let p = Progress { quiet: cfg.quiet };
+    p.say(format!("database {name} created"));
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let result = tokio::select! {
+        r = run_in(&cfg, &broker, &server, &name, &tag, &p) => r,
+        _ = cfg.cancel.cancelled() => Err(BenchError::Interrupted),
+    };
+    // Also after an interruption (the service was killed without a goodbye): its session
+    // would otherwise queue every heartbeat of the next runs until it expires.
+    forget_service_sessions(&cfg, &broker, &format!("bench-{tag}")).await;
+    if cfg.keep_db {
+        p.say(format!("database {name} kept (--keep-db)"));
+    } else if let Err(e) = server.drop_db(&name).await {
+        eprintln!("bracelet-sim bench: could not drop {name}: {e}");
+    }
+    result
+}
+
+/// Progress lines on stderr.
+struct Progress {
+    quiet: bool,
+}
+
+impl Progress {
+    fn say(&self, msg: String) {
+        if !self.quiet {
+            eprintln!("bench: {msg}");
+        }
+    }
+}
+
+async fn run_in(
+    cfg: &BenchConfig,
+    broker: &BrokerAddr,
+    server: &db::Server,
+    name: &str,
+    tag: &str,
+    p: &Progress,
+) -> Result<BenchReport, BenchError> {
+    let started = Instant::now();
+    let started_unix_ms = crate::now_unix_ms();
+    let gateway = SmsGateway::start().await?;
+    let service_client_id = format!("bench-{tag}");
+    let http = SocketAddr::from(([127, 0, 0, 1], service::free_port()?));
+    let db_url = db::url_for(&cfg.pg_base, name)?;
+    let mut env: Vec<(String, String)> = [
+        ("SILVERGUARD_DATABASE_URL", db_url.clone()),
+        ("SILVERGUARD_MQTT_URL", cfg.mqtt_url.clone()),
+        ("SILVERGUARD_HTTP_ADDR", http.to_string()),
+        ("SILVERGUARD_MQTT__CLIENT_ID", service_client_id.clone()),
+        // A bench that dies must not leave a session the broker queues for all week.
+        ("SILVERGUARD_MQTT__SESSION_EXPIRY", "5m".into()),
+        ("SILVERGUARD_NOTIFY__SMS__PROVIDER", "webhook".into()),
+        ("SILVERGUARD_NOTIFY__SMS__URL", gateway.url()),
+        // The daily knock would alert on every idle bench device at 10:00.
+        ("SILVERGUARD_ALERTS__WELLNESS_CHECK_AT", "off".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    env.extend(cfg.service_env.iter().cloned());
+    let svc = ServiceCmd {
+        bin: cfg.silverguard_bin.clone(),
+        env,
+    };
+
+    svc.run(&["migrate"], None).await?;
+    let load_ids = provision::load_ids(cfg.devices);
+    let targets = provision::sos_targets(cfg.sos_devices);
+    let import_file = std::env::temp_dir().join(format!("{name}-sos.toml"));
+    let interval_s = (cfg.devices as f64 / cfg.rate).round() as u64;
+    let t = Instant::now();
+    let provisioned =
+        provision::provision(&svc, &load_ids, interval_s, &targets, &import_file).await;
+    let _ = std::fs::remove_file(&import_file);
+    provisioned?;
+    p.say(format!(
+        "provisioned {} load devices and {} SOS devices (one elder and grid worker each) in {:.1}s",
+        load_ids.len(),
+        targets.len(),
+        t.elapsed().as_secs_f64()
+    ));
+
+    let log = cfg
+        .service_log
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("{name}-silverguard.log")));
+    let mut service = svc.serve(http, &log).await?;
+    p.say(format!(
+        "silverguard serve started (pid {}, log {})",
+        service.pid,
+        log.display()
+    ));
+    let ctx = Ctx {
+        cfg,
+        broker,
+        gateway: &gateway,
+        targets: &targets,
+        db_url: &db_url,
+        tag,
+        p,
+    };
+    let measured = measure(ctx, &mut service).await;
+    service.stop(Duration::from_secs(20)).await;
+    gateway.stop();
+
+    let mut report = measured?;
+    report.started_unix_ms = started_unix_ms;
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    report.machine.postgres_version = server.version().await;
+    report.settings.database = name.to_string();
+    report.settings.kept_database = cfg.keep_db;
+    report.usage.service_log = log.display().to_string();
+    report.judge();
+    Ok(report)
+}
+
+/// The service's MQTT session outlives it (persistent, so that a restart loses nothing);
+/// for a bench it is garbage: connecting once with the same client id and a clean session
+/// makes the broker discard it now rather than queue for it until it expires.
+async fn forget_service_sessions(cfg: &BenchConfig, broker: &BrokerAddr, client_id: &str) {
+    let n: usize = cfg
+        .service_env
+        .iter()
+        .find(|(k, _)| k == "SILVERGUARD_MQTT__CONNECTIONS")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(1);
+    for i in 0..n {
+        let settings = conn::ConnSettings {
+            broker: broker.clone(),
+            client_id: format!("{client_id}-{i}"),
+            inflight: 1,
+            channel: 4,
+        };
+        let counters = std::sync::Arc::new(conn::ConnCounters::default());
+        match conn::Conn::open(settings, counters, None, Duration::from_secs(5)).await {
+            Ok(c) => c.close().await,
+            Err(e) => tracing::debug!(error = %e, "could not clear the service's MQTT session"),
+        }
+    }
+}
+
+/// CPU counters at one instant.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    at: Instant,
+    service: Option<u64>,
+    bench: Option<u64>,
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuSample {
+    fn take(pid: u32) -> CpuSample {
+        CpuSample {
+            at: Instant::now(),
+            service: service::process_ticks(pid),
+            bench: service::process_ticks(std::process::id()),
+            machine: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|s| stats::parse_machine_cpu(&s)),
+        }
+    }
+}
+
+/// What [`measure`] works with besides the service.
+struct Ctx<'a> {
+    cfg: &'a BenchConfig,
+    broker: &'a BrokerAddr,
+    gateway: &'a SmsGateway,
+    targets: &'a [sos::SosTarget],
+    db_url: &'a str,
+    /// Random part of this run's MQTT client ids.
+    tag: &'a str,
+    p: &'a Progress,
+}
+
+/// Phases 4 to 6 of the module docs, with the service running.
+async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, BenchError> {
+    let Ctx {
+        cfg,
+        broker,
+        gateway,
+        targets,
+        db_url,
+        tag,
+        p,
+    } = x;
+    let ready = service.wait_ready(Duration::from_secs(60)).await?;
+    p.say(format!("silverguard ready in {:.1}s", ready.as_secs_f64()));
+    let mut report = BenchReport {
+        tool: format!("bracelet-sim {} bench", env!("CARGO_PKG_VERSION")),
+        ..BenchReport::default()
+    };
+    report.machine.nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    report.machine.mem_total_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| stats::parse_kib_field(&s, "MemTotal"))
+        .map(|k| k / 1024);
+    report.machine.kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_string());
+    report.settings = report::Settings {
+        smoke: cfg.smoke,
+        offered_rate_per_s: cfg.rate,
+        devices: cfg.devices,
+        connections: cfg.connections,
+        warmup_s: cfg.warmup.as_secs_f64(),
+        duration_s: cfg.duration.as_secs_f64(),
+        sos_rate_per_s: cfg.sos_rate,
+        idle_sos: cfg.idle_sos,
+        sos_devices: cfg.sos_devices,
+        sos_timeout_s: cfg.sos_timeout.as_secs_f64(),
+        seed: cfg.seed,
+        service_env: cfg
+            .service_env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
+        ..report::Settings::default()
+    };
+
+    let mut injector =
+        Injector::connect(broker.clone(), format!("bench-sos-{tag}"), cfg.seed).await?;
+    let broker_state = injector.broker_state(Duration::from_secs(2)).await;
+    if broker_state
+        .stored_messages
+        .is_some_and(|n| n > sos::STORED_MESSAGES_WARNING)
+    {
+        p.say(format!(
+            "warning: the broker holds {} messages ({} disconnected sessions); expect stalls",
+            broker_state.stored_messages.unwrap_or_default(),
+            broker_state
+                .disconnected_clients
+                .map_or("?".into(), |c| c.to_string())
+        ));
+    }
+    report.machine.broker_version = broker_state.version;
+    report.machine.broker_stored_messages_at_start = broker_state.stored_messages;
+    report.machine.broker_disconnected_clients_at_start = broker_state.disconnected_clients;
+
+    // Idle phase: the same presses with nothing else going on.
+    let before_idle = CpuSample::take(service.pid);
+    let (idle_targets, loaded_targets) = targets.split_at(cfg.idle_sos.min(targets.len()));
+    let no_stop = CancellationToken::new();
+    let idle_shots = injector.run(idle_targets, cfg.sos_rate, &no_stop).await;
+    let idle = sos::collect(&idle_shots, gateway, cfg.sos_timeout).await;
+    report.sos_idle = SosSummary::of(&idle);
+    let machine_before_load =
+        busy_percent(before_idle.machine, CpuSample::take(service.pid).machine);
+    p.say(format!(
+        "idle: {} SOS, {} answered, p50 {} ms, max {} ms",
+        report.sos_idle.published,
+        report.sos_idle.delivered,
+        fmt_ms(report.sos_idle.latency.p50_ms),
+        fmt_ms(report.sos_idle.latency.max_ms)
+    ));
+
+    // Load phase.
+    let bench_db = db::BenchDb::connect(db_url).await?;
+    let load = Load::start(LoadSettings {
+        broker: broker.clone(),
+        devices: provision::load_ids(cfg.devices),
+        connections: cfg.connections,
+        rate: cfg.rate,
+        seed: cfg.seed,
+        client_prefix: format!("bench-hb-{tag}"),
+    })
+    .await?;
+    p.say(format!(
+        "load: {} hb/s over {} connections; warm-up {:.0}s",
+        cfg.rate,
+        cfg.connections,
+        cfg.warmup.as_secs_f64()
+    ));
+    let load_started = Instant::now();
+    watch(&load, gateway, load_started, cfg.warmup, "warm-up", p).await;
+
+    // The measured window.
+    let c0 = bench_db.heartbeats().await?;
+    let pub0 = load.counters.published();
+    let m0 = service.metrics().await.ok();
+    let cpu0 = CpuSample::take(service.pid);
+    let window_end = cpu0.at + cfg.duration;
+    let window_stop = CancellationToken::new();
+    let n_loaded = cfg.loaded_sos().min(loaded_targets.len());
+    let (shots, ()) = tokio::join!(
+        injector.run(&loaded_targets[..n_loaded], cfg.sos_rate, &window_stop),
+        async {
+            watch(&load, gateway, cpu0.at, cfg.duration, "window", p).await;
+            tokio::time::sleep_until(window_end).await;
+            window_stop.cancel();
+        }
+    );
+    let cpu1 = CpuSample::take(service.pid);
+    let pub1 = load.counters.published();
+    let c1 = bench_db.heartbeats().await?;
+    let m1 = service.metrics().await.ok();
+    let window = cpu1.at - cpu0.at;
+    let not_offered = load.overflow();
+    let counters = load.counters.clone();
+    load.stop(Duration::from_secs(30)).await;
+    p.say("load stopped; waiting for SMS and commits".into());
+
+    let loaded = sos::collect(&shots, gateway, cfg.sos_timeout).await;
+    report.sos_loaded = SosSummary::of(&loaded);
+    let published = counters.published();
+    let committed = bench_db
+        .wait_heartbeats_settled(published, Duration::from_secs(3), cfg.drain_timeout)
+        .await?;
+    let traces = bench_db.sos_traces().await.unwrap_or_default();
+    report.sos_samples_idle = samples(&idle, &traces);
+    report.sos_samples_loaded = samples(&loaded, &traces);
+    report.sos_loaded_stages = stages(&report.sos_samples_loaded);
+    let (hwm, rss) = service::process_memory_kib(service.pid);
+    let service_alive = service.running();
+    injector.close().await;
+
+    let secs = window.as_secs_f64();
+    report.heartbeats = report::Heartbeats {
+        offered_rate_per_s: cfg.rate,
+        published,
+        acked: counters.acked().min(published),
+        committed,
+        lost: published.saturating_sub(committed),
+        not_offered,
+        window_s: secs,
+        published_in_window: pub1.saturating_sub(pub0),
+        published_per_s: pub1.saturating_sub(pub0) as f64 / secs,
+        committed_in_window: c1.saturating_sub(c0),
+        committed_per_s: c1.saturating_sub(c0) as f64 / secs,
+        publish_errors: counters
+            .publish_errors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        reconnects: counters
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed),
+    };
+    report.sos_p99_ratio = match (
+        report.sos_loaded.latency.p99_ms,
+        report.sos_idle.latency.p99_ms,
+    ) {
+        (Some(l), Some(i)) if i > 0.0 => Some(l / i),
+        _ => None,
+    };
+    let ticks = service::clock_ticks_per_s();
+    let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some(stats::cpu_percent(a, b, ticks, window)),
+        _ => None,
+    };
+    report.usage = report::Usage {
+        service_cpu_percent: pct(cpu0.service, cpu1.service),
+        service_peak_rss_mib: hwm.map(|k| k as f64 / 1024.0),
+        service_rss_end_mib: rss.map(|k| k as f64 / 1024.0),
+        bench_cpu_percent: pct(cpu0.bench, cpu1.bench),
+        machine_cpu_busy_percent: busy_percent(cpu0.machine, cpu1.machine),
+        machine_cpu_busy_before_load_percent: machine_before_load,
+        service_log: String::new(),
+    };
+    if let (Some(m0), Some(m1)) = (&m0, &m1) {
+        report.service_metrics = service_metrics(m0, m1);
+    }
+    let expected: std::collections::HashSet<String> =
+        targets.iter().map(|t| t.phone.clone()).collect();
+    report.sms = gateway.tally(&|phone| expected.contains(phone));
+    if !service_alive {
+        return Err(BenchError::Service(format!(
+            "silverguard serve exited during the run (log: {})",
+            service.log.display()
+        )));
+    }
+    Ok(report)
+}
+
+/// Prints a progress line every second for `span` from `from` (unless quiet).
+async fn watch(
+    load: &Load,
+    gateway: &SmsGateway,
+    from: Instant,
+    span: Duration,
+    phase: &str,
+    p: &Progress,
+) {
+    let end = from + span;
+    let mut last = (Instant::now(), load.counters.published());
+    while Instant::now() + Duration::from_millis(1) < end {
+        let next = (Instant::now() + Duration::from_secs(1)).min(end);
+        tokio::time::sleep_until(next).await;
+        let now = Instant::now();
+        let published = load.counters.published();
+        let rate = (published - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-3);
+        last = (now, published);
+        p.say(format!(
+            "[{phase} {:>4.0}s] hb published {published} ({rate:.0}/s) acked {} | SMS {}",
+            (now - from).as_secs_f64(),
+            load.counters.acked(),
+            gateway.accepted()
+        ));
+    }
+}
+
+/// Share of all cores busy between two `/proc/stat` readings.
+fn busy_percent(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
+    match (a, b) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+            Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64 * 100.0)
+        }
+        _ => None,
+    }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
+/// Each SOS with its stages, from database timestamps.
+fn samples(
+    outcomes: &[Outcome],
+    traces: &std::collections::HashMap<String, db::SosTrace>,
+) -> Vec<report::SosSample> {
+    outcomes
+        .iter()
+        .map(|o| {
+            let t = traces.get(&o.device_id);
+            let arrived = o.latency_ms.map(|l| o.published_unix_ms + l);
+            let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+            let received = t.map(|t| t.received_ms);
+            let queued = t.and_then(|t| t.queued_ms);
+            let send = t.and_then(|t| t.send_started_ms);
+            report::SosSample {
+                device_id: o.device_id.clone(),
+                published_unix_ms: o.published_unix_ms,
+                latency_ms: o.latency_ms,
+                publish_to_received_ms: diff(Some(o.published_unix_ms), received),
+                received_to_queued_ms: diff(received, queued),
+                queued_to_send_ms: diff(queued, send),
+                send_to_sms_ms: diff(send, arrived),
+            }
+        })
+        .collect()
+}
+
+/// Per-stage latencies of the SOS presses that were answered.
+fn stages(samples: &[report::SosSample]) -> Stages {
+    let of = |f: fn(&report::SosSample) -> Option<f64>| {
+        let v: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.latency_ms.is_some())
+            .filter_map(f)
+            .collect();
+        LatencySummary::of(&v)
+    };
+    Stages {
+        publish_to_received: of(|s| s.publish_to_received_ms),
+        received_to_queued: of(|s| s.received_to_queued_ms),
+        queued_to_send: of(|s| s.queued_to_send_ms),
+        send_to_sms: of(|s| s.send_to_sms_ms),
+    }
+}
+
+/// The service's histograms over the window (second scrape minus the first).
+fn service_metrics(m0: &str, m1: &str) -> report::ServiceMetrics {
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        let after = Histogram::parse(m1, name, labels).unwrap_or_default();
+        let before = Histogram::parse(m0, name, labels).unwrap_or_default();
+        after.since(&before)
+    };
+    report::ServiceMetrics {
+        notify_sms_queued_to_delivered: HistSummary::of(&delta(
+            "silverguard_notify_queued_to_delivered_seconds",
+            &[("channel", "sms")],
+        )),
+        ingest_commit_heartbeat: HistSummary::of(&delta(
+            "silverguard_ingest_commit_seconds",
+            &[("lane", "heartbeat")],
+        )),
+        ingest_commit_event: HistSummary::of(&delta(
+            "silverguard_ingest_commit_seconds",
+            &[("lane", "event")],
+        )),
+        ingest_pipeline: HistSummary::of(&delta("silverguard_ingest_pipeline_seconds", &[])),
+        heartbeat_batch_rows_mean: delta("silverguard_ingest_batch_rows", &[]).mean(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets() {
+        let s = BenchConfig::standard();
+        s.validate().unwrap();
+        assert_eq!(s.loaded_sos(), 120);
+        assert_eq!(s.sos_devices, 20 + 120 + 12);
+        let smoke = BenchConfig::smoke();
+        smoke.validate().unwrap();
+        assert_eq!(
+            (smoke.devices, smoke.rate, smoke.loaded_sos()),
+            (200, 500.0, 5)
+        );
+        assert_eq!(smoke.duration, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_settings_are_listed() {
+        let c = BenchConfig {
+            rate: 0.0,
+            connections: 0,
+            sos_devices: 3,
+            service_env: vec![("RUST_LOG".into(), "debug".into())],
+            ..BenchConfig::standard()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        for needle in ["--rate", "--connections", "--sos-devices", "RUST_LOG"] {
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn stages_split_the_latency() {
+        let outcomes = vec![
+            Outcome {
+                device_id: "bench-sos-000001".into(),
+                published_unix_ms: 1_000.0,
+                latency_ms: Some(100.0),
+            },
+            Outcome {
+                device_id: "bench-sos-000002".into(),
+                published_unix_ms: 2_000.0,
+                latency_ms: None,
+            },
+        ];
+        let mut traces = std::collections::HashMap::new();
+        traces.insert(
+            "bench-sos-000001".to_string(),
+            db::SosTrace {
+                received_ms: 1_002.0,
+                queued_ms: Some(1_030.0),
+                send_started_ms: Some(1_090.0),
+            },
+        );
+        let s = samples(&outcomes, &traces);
+        assert_eq!(s[0].send_to_sms_ms, Some(10.0));
+        assert_eq!(s[1].publish_to_received_ms, None);
+        let st = stages(&s);
+        assert_eq!(st.publish_to_received.p50_ms, Some(2.0));
+        assert_eq!(st.received_to_queued.p50_ms, Some(28.0));
+        assert_eq!(st.queued_to_send.p50_ms, Some(60.0));
+        assert_eq!(st.send_to_sms.count, 1);
+        assert_eq!(busy_percent(Some((10, 100)), Some((60, 200))), Some(50.0));
+        assert_eq!(busy_percent(None, Some((60, 200))), None);
+    }
+}

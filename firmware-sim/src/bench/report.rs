@@ -1,0 +1,459 @@
+//! The bench's result: one serialisable [`BenchReport`] (the `--json` file) and its human
+//! table. Field names carry their unit (`_ms`, `_per_s`, `_mib`, `_percent`) so the JSON reads
+//! without this file.
+
+use serde::Serialize;
+use std::fmt::Write as _;
+
+use super::gateway::GatewayTally;
+use super::sos::SosSummary;
+use super::stats::{Histogram, LatencySummary};
+
+/// Issue 3's bound: SOS publish → SMS accepted, p99.
+pub const TARGET_P99_MS: f64 = 500.0;
+/// ... while the pipeline ingests this many heartbeats per second.
+pub const TARGET_RATE: f64 = 5000.0;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub mem_total_mib: Option<u64>,
+    pub kernel: Option<String>,
+    pub postgres_version: Option<String>,
+    pub broker_version: Option<String>,
+    /// `$SYS/broker/store/messages/count` when the bench started.
+    pub broker_stored_messages_at_start: Option<u64>,
+    /// `$SYS/broker/clients/disconnected` when the bench started.
+    pub broker_disconnected_clients_at_start: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Settings {
+    pub smoke: bool,
+    pub offered_rate_per_s: f64,
+    pub devices: usize,
+    pub connections: usize,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    pub sos_rate_per_s: f64,
+    pub idle_sos: usize,
+    pub sos_devices: usize,
+    pub sos_timeout_s: f64,
+    pub seed: u64,
+    pub database: String,
+    pub kept_database: bool,
+    /// Extra service settings given with `--service-env`.
+    pub service_env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Heartbeats {
+    pub offered_rate_per_s: f64,
+    /// Whole run (warm-up, window, drain): handed to the MQTT clients.
+    pub published: u64,
+    /// Acknowledged by the broker (PUBACK).
+    pub acked: u64,
+    /// Rows in `heartbeats` once the count stopped growing.
+    pub committed: u64,
+    /// published − committed (0 on a correct run).
+    pub lost: u64,
+    /// Heartbeats that were due by the offered rate but never published because the bench
+    /// itself fell behind (then the offered rate was not really offered).
+    pub not_offered: u64,
+    pub window_s: f64,
+    pub published_in_window: u64,
+    pub published_per_s: f64,
+    pub committed_in_window: u64,
+    /// The sustained rate: rows committed during the measured window / its length.
+    pub committed_per_s: f64,
+    pub publish_errors: u64,
+    pub reconnects: u64,
+}
+
+/// A distribution read from the service's own Prometheus histogram, restricted to the
+/// measured window (difference of two scrapes). Quantiles are estimates within power-of-two
+/// buckets.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HistSummary {
+    pub count: u64,
+    pub mean_ms: Option<f64>,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl HistSummary {
+    pub fn of(h: &Histogram) -> HistSummary {
+        HistSummary {
+            count: h.count.max(0.0) as u64,
+            mean_ms: h.mean().map(|s| s * 1000.0),
+            p50_ms: h.quantile(0.5).map(|s| s * 1000.0),
+            p99_ms: h.quantile(0.99).map(|s| s * 1000.0),
+        }
+    }
+}
+
+/// Where an SOS's time goes, per stage, from database timestamps (same machine clock).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stages {
+    /// Bench publish → silverguard takes it from the broker.
+    pub publish_to_received: LatencySummary,
+    /// Received → alert and outbox rows written (event transaction, before its commit).
+    pub received_to_queued: LatencySummary,
+    /// Queued → the notifier starts the SMS request (commit, NOTIFY, claim, render).
+    pub queued_to_send: LatencySummary,
+    /// Request started → the gateway has it (HTTP on loopback).
+    pub send_to_sms: LatencySummary,
+}
+
+/// One SOS, for plots and for finding the slow one in the service's log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SosSample {
+    pub device_id: String,
+    pub published_unix_ms: f64,
+    /// `None`: lost.
+    pub latency_ms: Option<f64>,
+    pub publish_to_received_ms: Option<f64>,
+    pub received_to_queued_ms: Option<f64>,
+    pub queued_to_send_ms: Option<f64>,
+    pub send_to_sms_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServiceMetrics {
+    pub notify_sms_queued_to_delivered: HistSummary,
+    pub ingest_commit_heartbeat: HistSummary,
+    pub ingest_commit_event: HistSummary,
+    pub ingest_pipeline: HistSummary,
+    pub heartbeat_batch_rows_mean: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Usage {
+    /// silverguard's user + system CPU over the measured window, % of one core.
+    pub service_cpu_percent: Option<f64>,
+    pub service_peak_rss_mib: Option<f64>,
+    pub service_rss_end_mib: Option<f64>,
+    /// The bench process itself, % of one core.
+    pub bench_cpu_percent: Option<f64>,
+    /// Every process on the machine, % of all cores (100 = saturated).
+    pub machine_cpu_busy_percent: Option<f64>,
+    /// The same over the idle phase, before the load: what else was running.
+    pub machine_cpu_busy_before_load_percent: Option<f64>,
+    pub service_log: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Target {
+    pub p99_limit_ms: f64,
+    pub rate_required_per_s: f64,
+    /// The committed rate over the window reached the required rate (within 1 %).
+    pub rate_met: bool,
+    pub p99_met: bool,
+    pub met: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BenchReport {
+    pub tool: String,
+    pub started_unix_ms: i64,
+    pub elapsed_s: f64,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub heartbeats: Heartbeats,
+    /// SOS with no heartbeat load, just before it starts.
+    pub sos_idle: SosSummary,
+    /// SOS during the measured window.
+    pub sos_loaded: SosSummary,
+    /// loaded p99 / idle p99.
+    pub sos_p99_ratio: Option<f64>,
+    pub sos_loaded_stages: Stages,
+    /// Every SOS of both phases, in publish order.
+    pub sos_samples_idle: Vec<SosSample>,
+    pub sos_samples_loaded: Vec<SosSample>,
+    pub usage: Usage,
+    pub service_metrics: ServiceMetrics,
+    pub sms: GatewayTally,
+    pub target: Target,
+    /// Why the run failed (lost SOS, lost heartbeats); empty when it passed.
+    pub failures: Vec<String>,
+    pub passed: bool,
+}
+
+impl BenchReport {
+    /// Fills `target`, `failures` and `passed` from the measurements.
+    pub fn judge(&mut self) {
+        let hb = &self.heartbeats;
+        let rate_met = self.settings.offered_rate_per_s >= TARGET_RATE
+            && hb.committed_per_s >= TARGET_RATE * 0.99;
+        let p99_met = self
+            .sos_loaded
+            .latency
+            .p99_ms
+            .is_some_and(|p| p <= TARGET_P99_MS)
+            && self.sos_loaded.lost == 0;
+        self.target = Target {
+            p99_limit_ms: TARGET_P99_MS,
+            rate_required_per_s: TARGET_RATE,
+            rate_met,
+            p99_met,
+            met: rate_met && p99_met,
+        };
+        let mut f = Vec::new();
+        let lost_sos = self.sos_idle.lost + self.sos_loaded.lost;
+        if lost_sos > 0 {
+            f.push(format!("{lost_sos} SOS produced no SMS within the timeout"));
+        }
+        if hb.lost > 0 {
+            f.push(format!(
+                "{} of {} heartbeats published were not committed",
+                hb.lost, hb.published
+            ));
+        }
+        if hb.published == 0 {
+            f.push("no heartbeat was published".into());
+        }
+        if self.sos_idle.published + self.sos_loaded.published == 0 {
+            f.push("no SOS was published".into());
+        }
+        self.passed = f.is_empty();
+        self.failures = f;
+    }
+
+    /// The human table.
+    pub fn table(&self) -> String {
+        // Rounded to whole ms; a stage of -0.3 ms (clock granularity) prints as 0.
+        let ms = |v: Option<f64>| {
+            v.map_or("-".to_string(), |v| {
+                format!("{:.0}", if v.abs() < 0.5 { 0.0 } else { v })
+            })
+        };
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} %"));
+        let mib = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} MiB"));
+        let h = &self.heartbeats;
+        let s = &self.settings;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "bracelet-sim bench{}: {} devices over {} connections, {:.0} hb/s offered, \
+             {:.0}s warm-up + {:.0}s measured, SOS {}/s",
+            if s.smoke { " (smoke)" } else { "" },
+            s.devices,
+            s.connections,
+            s.offered_rate_per_s,
+            s.warmup_s,
+            s.duration_s,
+            s.sos_rate_per_s
+        );
+        let m = &self.machine;
+        let _ = writeln!(
+            o,
+            "machine: {} cores, {} MiB; PostgreSQL {}; broker {}",
+            m.nproc,
+            m.mem_total_mib.map_or("?".into(), |v| v.to_string()),
+            m.postgres_version.as_deref().unwrap_or("?"),
+            m.broker_version.as_deref().unwrap_or("?")
+        );
+        if let Some(n) = m
+            .broker_stored_messages_at_start
+            .filter(|n| *n > super::sos::STORED_MESSAGES_WARNING)
+        {
+            let _ = writeln!(
+                o,
+                "WARNING: the broker held {n} messages at start ({} disconnected sessions): \
+                 its periodic snapshots stall it, and every latency below with it \
+                 (docs/performance.md)",
+                m.broker_disconnected_clients_at_start
+                    .map_or("?".into(), |c| c.to_string())
+            );
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(o, "heartbeats");
+        let row = |o: &mut String, k: &str, v: String| {
+            let _ = writeln!(o, "  {k:<34} {v}");
+        };
+        row(&mut o, "offered", format!("{:.0}/s", h.offered_rate_per_s));
+        row(
+            &mut o,
+            "published (window)",
+            format!("{:.0}/s", h.published_per_s),
+        );
+        row(
+            &mut o,
+            "committed (window, sustained)",
+            format!("{:.0}/s", h.committed_per_s),
+        );
+        row(
+            &mut o,
+            "published / acked / committed",
+            format!("{} / {} / {}", h.published, h.acked, h.committed),
+        );
+        row(&mut o, "lost (published - committed)", h.lost.to_string());
+        if h.not_offered > 0 {
+            row(
+                &mut o,
+                "not offered (bench fell behind)",
+                h.not_offered.to_string(),
+            );
+        }
+        if h.reconnects > 0 || h.publish_errors > 0 {
+            row(
+                &mut o,
+                "reconnects / publish errors",
+                format!("{} / {}", h.reconnects, h.publish_errors),
+            );
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "SOS -> SMS accepted (ms)   count  lost    p50    p90    p99    max"
+        );
+        for (name, x) in [("idle", &self.sos_idle), ("loaded", &self.sos_loaded)] {
+            let l = &x.latency;
+            let _ = writeln!(
+                o,
+                "  {name:<24} {:>6} {:>5} {:>6} {:>6} {:>6} {:>6}",
+                x.published,
+                x.lost,
+                ms(l.p50_ms),
+                ms(l.p90_ms),
+                ms(l.p99_ms),
+                ms(l.max_ms)
+            );
+        }
+        row(
+            &mut o,
+            "loaded p99 / idle p99",
+            self.sos_p99_ratio
+                .map_or("-".into(), |r| format!("{r:.2}x")),
+        );
+        let st = &self.sos_loaded_stages;
+        let _ = writeln!(o, "  where it goes (loaded, p50 / p99 ms):");
+        for (name, l) in [
+            ("publish -> service receives", &st.publish_to_received),
+            ("received -> alert + outbox written", &st.received_to_queued),
+            ("written -> SMS request started", &st.queued_to_send),
+            ("request -> SMS at the gateway", &st.send_to_sms),
+        ] {
+            let _ = writeln!(
+                o,
+                "    {name:<36} {:>6} / {:>6}",
+                ms(l.p50_ms),
+                ms(l.p99_ms)
+            );
+        }
+        let _ = writeln!(o);
+        let u = &self.usage;
+        let _ = writeln!(o, "resources (measured window)");
+        row(
+            &mut o,
+            "silverguard CPU (% of one core)",
+            pct(u.service_cpu_percent),
+        );
+        row(&mut o, "silverguard peak RSS", mib(u.service_peak_rss_mib));
+        row(
+            &mut o,
+            "bench CPU (% of one core)",
+            pct(u.bench_cpu_percent),
+        );
+        row(
+            &mut o,
+            "machine busy (% of all cores)",
+            pct(u.machine_cpu_busy_percent),
+        );
+        row(
+            &mut o,
+            "machine busy before the load",
+            pct(u.machine_cpu_busy_before_load_percent),
+        );
+        let sm = &self.service_metrics;
+        let _ = writeln!(
+            o,
+            "service histograms (window; bucket estimates, ms)  count   mean    p50    p99"
+        );
+        for (name, x) in [
+            (
+                "notify sms queued -> delivered",
+                &sm.notify_sms_queued_to_delivered,
+            ),
+            (
+                "ingest commit, heartbeat batch",
+                &sm.ingest_commit_heartbeat,
+            ),
+            ("ingest commit, event", &sm.ingest_commit_event),
+            ("ingest receipt -> commit", &sm.ingest_pipeline),
+        ] {
+            let _ = writeln!(
+                o,
+                "  {name:<48} {:>6} {:>6} {:>6} {:>6}",
+                x.count,
+                ms(x.mean_ms),
+                ms(x.p50_ms),
+                ms(x.p99_ms)
+            );
+        }
+        if let Some(r) = sm.heartbeat_batch_rows_mean {
+            row(&mut o, "mean heartbeat batch", format!("{r:.0} rows"));
+        }
+        let sms = &self.sms;
+        if sms.refused + sms.repeats + sms.unexpected > 0 {
+            row(
+                &mut o,
+                "SMS refused / repeated / unexpected",
+                format!("{} / {} / {}", sms.refused, sms.repeats, sms.unexpected),
+            );
+        }
+        let _ = writeln!(o);
+        let t = &self.target;
+        let _ = writeln!(
+            o,
+            "target (issue 3): p99 <= {:.0} ms at {:.0} hb/s: {} (rate {}, p99 {})",
+            t.p99_limit_ms,
+            t.rate_required_per_s,
+            if t.met { "MET" } else { "NOT MET" },
+            if t.rate_met { "met" } else { "not met" },
+            if t.p99_met { "met" } else { "not met" }
+        );
+        if self.passed {
+            let _ = writeln!(o, "result: PASS (no SOS and no heartbeat lost)");
+        } else {
+            let _ = writeln!(o, "result: FAIL: {}", self.failures.join("; "));
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(p99: f64, committed_per_s: f64, lost: u64) -> BenchReport {
+        let mut r = BenchReport::default();
+        r.settings.offered_rate_per_s = 5000.0;
+        r.heartbeats.published = 1000;
+        r.heartbeats.committed = 1000 - lost;
+        r.heartbeats.lost = lost;
+        r.heartbeats.committed_per_s = committed_per_s;
+        r.sos_loaded.published = 3;
+        r.sos_loaded.delivered = 3;
+        r.sos_loaded.latency.p99_ms = Some(p99);
+        r
+    }
+
+    #[test]
+    fn verdicts() {
+        let mut r = report(120.0, 4990.0, 0);
+        r.judge();
+        assert!(r.passed && r.target.met, "{:?}", r.failures);
+        let mut r = report(700.0, 5000.0, 0);
+        r.judge();
+        assert!(r.passed && !r.target.met && r.target.rate_met && !r.target.p99_met);
+        let mut r = report(100.0, 5000.0, 3);
+        r.judge();
+        assert!(!r.passed && r.failures[0].contains("3 of 1000"));
+        let mut r = report(100.0, 5000.0, 0);
+        r.sos_loaded.lost = 1;
+        r.judge();
+        assert!(!r.passed && !r.target.p99_met);
+        assert!(r.table().contains("FAIL"));
+    }
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# SOS -> SMS latency under heartbeat load (issue 3), end to end on this machine:
+# builds release, ensures PostgreSQL and a broker from deploy/mosquitto.conf, runs
+# `bracelet-sim bench` and writes target/bench/sos-latency.json (docs/performance.md).
+#
+# Usage: scripts/bench.sh [bench flags...]
+#   scripts/bench.sh                      # the standard run: 5,000 hb/s, 60 s measured
+#   scripts/bench.sh --smoke              # ~20 s, asserts zero loss (CI)
+#   scripts/bench.sh --rate 8000 --duration 2m
+# Environment: BENCH_BROKER_PORT (18840), BENCH_JSON (target/bench/sos-latency.json).
+# Exit status: 0 pass, 2 an SOS or a heartbeat was lost, 1 the bench could not run.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+PORT=${BENCH_BROKER_PORT:-18840}
+JSON=${BENCH_JSON:-target/bench/sos-latency.json}
+
+ensure_rust
+ensure_postgres
+ensure_broker "$PORT"
+
+log "cargo build --release -p firmware-sim -p silverguard"
+cargo build --release --locked -p firmware-sim -p silverguard
+
+mkdir -p "$(dirname "$JSON")" target/bench
+log "bracelet-sim bench $*"
+exec target/release/bracelet-sim bench \
+  --mqtt-url "mqtt://127.0.0.1:$PORT" \
+  --pg-base "$SILVERGUARD_PG_BASE" \
+  --silverguard-bin target/release/silverguard \
+  --service-log target/bench/silverguard.log \
+  --json "$JSON" \
+  "$@"
