@@ -3,7 +3,7 @@
 //!
 //! Environment names: the four documented contract variables (`SILVERGUARD_DATABASE_URL`,
 //! `SILVERGUARD_MQTT_URL`, `SILVERGUARD_HTTP_ADDR`, `SILVERGUARD_SMTP_URL`) map to
-//! `database.url`, `mqtt.url`, `http.addr` and `smtp.url`; every other setting is
+//! `database.url`, `mqtt.url`, `http.addr` and `notify.email.url`; every other setting is
 //! `SILVERGUARD_<SECTION>__<KEY>` (double underscore), e.g. `SILVERGUARD_INGEST__BATCH_MAX_ROWS`.
 
 use std::fmt;
@@ -415,7 +415,10 @@ impl Settings {
                 .push("ingest.max_clock_ahead and ingest.max_clock_behind must be above 0".into());
         }
         if self.ingest.reject_payload_keep_bytes > self.ingest.max_payload_bytes.max(1 << 16) {
-            problems.push("ingest.reject_payload_keep_bytes must not exceed 64 KiB".into());
+            problems.push(
+                "ingest.reject_payload_keep_bytes must not exceed the larger of 64 KiB and ingest.max_payload_bytes"
+                    .into(),
+            );
         }
         if self.mqtt.topic_filter.is_empty()
             || self.mqtt.topic_filter.starts_with('$')
@@ -426,7 +429,9 @@ impl Settings {
                 self.mqtt.topic_filter
             ));
         }
-        if self.mqtt.url.starts_with("mqtts") && self.mqtt.ca_file.is_none() {
+        if (self.mqtt.url.starts_with("mqtts") || self.mqtt.url.starts_with("ssl"))
+            && self.mqtt.ca_file.is_none()
+        {
             problems.push(
                 "mqtt.url is mqtts:// but mqtt.ca_file (SILVERGUARD_MQTT__CA_FILE) is not set"
                     .into(),

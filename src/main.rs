@@ -361,7 +361,7 @@ enum ElderCommand {
         /// The elder's id, or ref:REF.
         elder: ElderKey,
         /// e.g. '{"hr_high": {"above": 120, "for": "5m"}}'; keys: hr_high, hr_low, spo2_low,
-        /// temp_high, bp_high, not_worn, silence.
+        /// temp_high, bp_high, low_battery, not_worn, geofence_exit.
         #[arg(value_parser = registry::parse_thresholds)]
         thresholds: Thresholds,
     },

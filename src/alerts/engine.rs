@@ -78,7 +78,7 @@ pub async fn open_or_repeat(
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              ON CONFLICT (subject, kind) WHERE status <> 'resolved'
              DO UPDATE SET repeat_count = alerts.repeat_count + 1, last_repeat_at = now()
-             RETURNING id, (xmax = 0) AS inserted",
+             RETURNING id, (xmax = 0) AS inserted, status, repeat_count",
             &[
                 &subject,
                 &a.elder_id,
@@ -105,6 +105,22 @@ pub async fn open_or_repeat(
             json!({"event_id": a.source_event_id}),
         )
         .await?;
+        // Pressed again after someone acknowledged: whoever came may have left, or it is a
+        // new emergency. Tell the first circle again (new round, so new notifications).
+        let status: String = row.get(2);
+        let repeats: i32 = row.get(3);
+        if needs_human(a.kind) && status == "acknowledged" {
+            timeline(
+                tx,
+                alert_id,
+                "pressed_again",
+                None,
+                Some("device"),
+                json!({"repeat": repeats}),
+            )
+            .await?;
+            run_step(tx, alert_id, 0, repeats, settings).await?;
+        }
         return Ok(Opened { alert_id, new });
     }
     timeline(
@@ -138,7 +154,7 @@ pub async fn open_or_repeat(
             "waiting",
             None,
             None,
-            json!({"seconds": delay.as_secs(), "why": "cancel window"}),
+            json!({"seconds": delay.as_secs(), "why": if a.kind == "fall" { "cancel window" } else { "first step delayed by policy" }}),
         )
         .await?;
     }
@@ -290,9 +306,9 @@ pub async fn run_step(
             .await?;
         }
     }
-    if spec.downlink && round == 0 {
+    if spec.downlink {
         if let Some(dev) = &device_id {
-            let key = format!("{alert_id}:downlink:{step}");
+            let key = format!("{alert_id}:downlink:{step}:{round}");
             queued += queue(
                 tx, alert_id, None, None, "downlink", dev, "zh-CN", urgent, step, &key,
             )

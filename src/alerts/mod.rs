@@ -288,6 +288,10 @@ pub async fn run_telemetry_rules(
             for t in evaluator.observe(hb, &ctx, day) {
                 if let Err(e) = apply(&pool, hb, &ctx, &t, &settings).await {
                     tracing::error!(device_id = %hb.device_id, transition = ?t, error = %e, "rule transition not stored");
+                    if let Transition::Fire { rule, .. } = t {
+                        // Not raised: the next reading that still meets the rule fires again.
+                        evaluator.rearm(&hb.device_id, rule);
+                    }
                 }
             }
         }
@@ -380,6 +384,7 @@ async fn apply(
 
 /// Escalation steps, silence, recovery from silence and the daily knock.
 pub async fn run_sweeper(pool: Pool, settings: AlertSettings, cancel: CancellationToken) {
+    let started = Instant::now();
     let mut last_wellness_check = Instant::now() - Duration::from_secs(3600);
     loop {
         tokio::select! {
@@ -403,8 +408,10 @@ pub async fn run_sweeper(pool: Pool, settings: AlertSettings, cancel: Cancellati
                 }
             }
         }
-        if let Err(e) = sweep_silence(&mut client, &settings).await {
-            tracing::warn!(error = %e, "silence sweep failed; will retry");
+        if started.elapsed() >= settings.silence_grace {
+            if let Err(e) = sweep_silence(&mut client, &settings).await {
+                tracing::warn!(error = %e, "silence sweep failed; will retry");
+            }
         }
         if last_wellness_check.elapsed() >= Duration::from_secs(30) {
             last_wellness_check = Instant::now();

@@ -84,6 +84,15 @@ impl Evaluator {
         }
     }
 
+    /// A firing that could not be stored: let the next reading fire again.
+    pub fn rearm(&mut self, device_id: &str, rule: &str) {
+        if let Some(r) = VITAL_RULES.iter().find(|r| **r == rule) {
+            if let Some(c) = self.state.get_mut(&(device_id.to_string(), *r)) {
+                c.fired = false;
+            }
+        }
+    }
+
     pub fn in_progress(&self) -> usize {
         self.state.len()
     }

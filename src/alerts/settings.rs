@@ -170,6 +170,10 @@ pub struct AlertSettings {
     pub fall_cancel_window: Duration,
     /// A device is silent after `heartbeat_interval_s × silence_factor` without data.
     pub silence_factor: u32,
+    /// After a start, no silence alert for this long: if silverguard itself was down, every
+    /// device looks silent until the broker's backlog is ingested.
+    #[serde(with = "humantime_serde")]
+    pub silence_grace: Duration,
     /// How often due escalation steps and silent devices are looked for.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
@@ -207,6 +211,7 @@ impl Default for AlertSettings {
         AlertSettings {
             fall_cancel_window: Duration::from_secs(30),
             silence_factor: 15,
+            silence_grace: Duration::from_secs(60),
             sweep_interval: Duration::from_millis(500),
             thresholds: default_thresholds(),
             policies: default_policies(),
@@ -341,6 +346,26 @@ impl AlertSettings {
         }
         if !self.link_secret.expose().is_empty() && self.link_secret.expose().len() < 32 {
             p.push("alerts.link_secret must have at least 32 characters".into());
+        }
+        if self.max_per_contact_per_hour < 1 {
+            p.push("alerts.max_per_contact_per_hour must be at least 1 (0 would suppress every non-urgent notification)".into());
+        }
+        if self.link_ttl < Duration::from_secs(60) {
+            p.push("alerts.link_ttl must be at least 1m".into());
+        }
+        if self.fall_cancel_window > Duration::from_secs(300) {
+            p.push(
+                "alerts.fall_cancel_window must be at most 5m (a fallen elder waits that long)"
+                    .into(),
+            );
+        }
+        for (rule, t) in &self.thresholds {
+            let needs_bound = !matches!(rule.as_str(), "not_worn" | "geofence_exit");
+            if needs_bound && t.above.is_none() && t.below.is_none() {
+                p.push(format!(
+                    "alerts.thresholds.{rule} needs \"above\" or \"below\""
+                ));
+            }
         }
         if self.max_attempts < 1 {
             p.push("alerts.max_attempts must be at least 1".into());

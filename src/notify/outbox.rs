@@ -210,8 +210,13 @@ impl Notifier {
                 self.retry(row, backoff, &e).await?;
             }
             Err(e) => {
-                tracing::error!(alert_id = row.alert_id, channel = %row.channel, attempt = row.attempts,
-                    error = %e, "delivery failed for good; falling back");
+                if e.to_string().contains("not configured") {
+                    // A deployment choice (no SMS provider yet), not an incident.
+                    tracing::info!(alert_id = row.alert_id, channel = %row.channel, "channel not configured; falling back");
+                } else {
+                    tracing::error!(alert_id = row.alert_id, channel = %row.channel, attempt = row.attempts,
+                        error = %e, "delivery failed for good; falling back");
+                }
                 self.finish(row, "failed", None, Some(&e.to_string()))
                     .await?;
                 self.fall_back(row).await?;
@@ -310,7 +315,8 @@ impl Notifier {
             location,
             vitals: vitals.at.map(|_| vitals.clone()),
             ack_url: Some(format!("{base}/ack/{token}")),
-            console_url: Some(format!("{base}/alerts/{}", row.alert_id)),
+            // The console arrives with the registry/console issue; no link to a 404 until then.
+            console_url: None,
             escalation_step: row.step.max(0),
             repeat_count: 0,
             detail: describe_detail(&detail),
@@ -491,6 +497,18 @@ impl Notifier {
         };
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        // One fallback per original notification: a fallback that fails too is final, or
+        // two broken channels would bounce the message between them forever.
+        let is_fallback: bool = tx
+            .query_one(
+                "SELECT fallback_of IS NOT NULL FROM outbox WHERE id = $1",
+                &[&row.id],
+            )
+            .await?
+            .get(0);
+        if is_fallback {
+            return Ok(());
+        }
         let Some(c) = tx
             .query_opt(
                 "SELECT phone, email, im_webhook FROM contacts WHERE id = $1",
@@ -519,7 +537,7 @@ impl Notifier {
                 "INSERT INTO outbox (alert_id, contact_id, role, channel, recipient, language, urgent, step, fallback_of, dedupe_key)
                  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10
                  WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE alert_id = $1 AND contact_id = $2 AND step = $8
-                                                         AND channel = $4 AND status IN ('pending','sending','sent'))
+                                                         AND channel = $4)
                  ON CONFLICT (dedupe_key) DO NOTHING",
                 &[&row.alert_id, &contact, &row.role, next, &address, &row.language, &row.urgent, &row.step, &row.id, &key],
             )

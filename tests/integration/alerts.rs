@@ -745,3 +745,58 @@ async fn the_daily_knock_checks_on_elders_with_no_sign_of_life_once_a_day() {
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_that_fails_too_is_final() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::start().await;
+    let smtp = SmtpSink::start().await;
+    let sms = CaptureServer::start().await;
+    let mut s = alert_settings(&db, &broker, &smtp, &sms, 3600, 7200);
+    // No SMS provider: SMS fails for good and falls back to email, which the relay refuses
+    // (the sink answers 550 to reject@...): that must end there, not bounce back.
+    s.notify.sms.provider = SmsProvider::None;
+    // Step 0 by SMS only, so the email is a fallback.
+    s.alerts
+        .policies
+        .get_mut("critical")
+        .expect("critical")
+        .steps[0]
+        .channels = vec![silverguard::alerts::settings::Channel::Sms];
+    let app = RunningApp::start(s).await;
+    let h = household(&db, "fb").await;
+    let c = db.client().await;
+    c.execute(
+        "UPDATE contacts SET email = 'reject@example.org' WHERE id IN
+           (SELECT contact_id FROM elder_contacts WHERE elder_id = $1 AND role = 'grid_worker')",
+        &[&h.elder_id],
+    )
+    .await
+    .unwrap();
+    sos(&broker, &h.device, 1).await;
+    wait_until("the fallback failed", Duration::from_secs(10), || async {
+        c.query_one(
+            "SELECT count(*) FROM outbox WHERE fallback_of IS NOT NULL AND status = 'failed'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0) >= 1)
+        .unwrap_or(false)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // waiting for a loop NOT to start
+    let grid_rows: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox o JOIN elder_contacts ec ON ec.contact_id = o.contact_id
+             WHERE ec.elder_id = $1 AND ec.role = 'grid_worker'",
+            &[&h.elder_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        grid_rows, 2,
+        "the SMS and its one email fallback, not a loop"
+    );
+    app.stop().await;
+}

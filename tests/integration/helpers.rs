@@ -197,6 +197,7 @@ pub fn settings(db: &TestDb, broker: &TestBroker) -> Settings {
     s.ingest.latest_flush_interval = Duration::from_millis(200);
     // The daily knock would check every test's elders; its own test drives it directly.
     s.alerts.wellness_check_at = "off".into();
+    s.alerts.silence_grace = Duration::ZERO;
     s
 }
 
