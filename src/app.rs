@@ -50,22 +50,6 @@ impl Application {
         let shutdown = CancellationToken::new();
         let url = settings.database.url.expose().to_string();
         let pool = store::build_pool(&settings.database)?;
-        // The database may be created by us, but only once the server answers.
-        let mut delay = Duration::from_millis(250);
-        loop {
-            match store::ensure_database(&url).await {
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(database = %store::describe_url(&url), error = %e,
-                        retry_in_ms = delay.as_millis() as u64, "database unreachable, retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(store::StoreError::Cancelled.into()),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
         store::wait_for_database(&pool, &url, &shutdown).await?;
         let applied = store::migrate::run(&pool).await?;
         if !applied.is_empty() {

@@ -58,10 +58,18 @@ struct Condition {
     fired: bool,
 }
 
-/// Per-device state of every rule.
+/// The conditions in progress of one device, one slot per rule (indexed as `VITAL_RULES`).
+type Slots = [Option<Condition>; VITAL_RULES.len()];
+
+fn rule_index(rule: &str) -> Option<usize> {
+    VITAL_RULES.iter().position(|r| *r == rule)
+}
+
+/// Per-device state of every rule. Keyed by device only, so a heartbeat costs one lookup and
+/// no allocation unless a condition starts or ends.
 #[derive(Debug, Default)]
 pub struct Evaluator {
-    state: HashMap<(String, &'static str), Condition>,
+    state: HashMap<String, Slots>,
 }
 
 /// Great-circle distance in metres.
@@ -78,30 +86,32 @@ impl Evaluator {
     /// Restores a condition in progress (from `rule_state`). It counts as already fired when
     /// it has held long enough: the alert it raised is still open, or will repeat harmlessly.
     pub fn restore(&mut self, device_id: &str, rule: &str, since: DateTime<Utc>, fired: bool) {
-        if let Some(r) = VITAL_RULES.iter().find(|r| **r == rule) {
-            self.state
-                .insert((device_id.to_string(), r), Condition { since, fired });
+        if let Some(i) = rule_index(rule) {
+            self.state.entry(device_id.to_string()).or_default()[i] =
+                Some(Condition { since, fired });
         }
     }
 
     /// A firing that could not be stored: let the next reading fire again.
     pub fn rearm(&mut self, device_id: &str, rule: &str) {
-        if let Some(r) = VITAL_RULES.iter().find(|r| **r == rule) {
-            if let Some(c) = self.state.get_mut(&(device_id.to_string(), *r)) {
+        if let (Some(i), Some(slots)) = (rule_index(rule), self.state.get_mut(device_id)) {
+            if let Some(c) = &mut slots[i] {
                 c.fired = false;
             }
         }
     }
 
     pub fn in_progress(&self) -> usize {
-        self.state.len()
+        self.state.values().flatten().flatten().count()
     }
 
     /// Evaluates one heartbeat. `day` says whether the reading falls in local daytime (the
     /// not-worn rule only runs by day).
     pub fn observe(&mut self, hb: &Heartbeat, ctx: &ElderContext, day: bool) -> Vec<Transition> {
         let mut out = Vec::new();
-        for rule in VITAL_RULES {
+        let before: Slots = self.state.get(&hb.device_id).copied().unwrap_or_default();
+        let mut slots = before;
+        for (i, rule) in VITAL_RULES.into_iter().enumerate() {
             let Some(t) = ctx.thresholds.get(rule) else {
                 continue;
             };
@@ -116,7 +126,7 @@ impl Evaluator {
                 "low_battery" => hb.battery_pct.map(|v| {
                     // Hysteresis: once low, it clears only when clearly charging (+15).
                     let low = bound(t, v as f64);
-                    let firing = self.state.contains_key(&(hb.device_id.clone(), rule));
+                    let firing = slots[i].is_some();
                     let clears_above = t.below.unwrap_or(15.0) + 15.0;
                     (low || (firing && (v as f64) < clears_above), v as f64)
                 }),
@@ -140,11 +150,10 @@ impl Evaluator {
                 },
                 _ => None,
             };
-            let key = (hb.device_id.clone(), rule);
             match reading {
                 None => {}
                 Some((true, value)) => {
-                    let cond = self.state.entry(key).or_insert_with(|| {
+                    let cond = slots[i].get_or_insert_with(|| {
                         out.push(Transition::Started { rule, since: hb.ts });
                         Condition {
                             since: hb.ts,
@@ -163,10 +172,19 @@ impl Evaluator {
                         });
                     }
                 }
-                Some((false, _)) if self.state.remove(&key).is_some() => {
+                Some((false, _)) if slots[i].take().is_some() => {
                     out.push(Transition::Cleared { rule });
                 }
                 Some((false, _)) => {}
+            }
+        }
+        if slots != before {
+            if slots.iter().all(Option::is_none) {
+                self.state.remove(&hb.device_id);
+            } else if let Some(stored) = self.state.get_mut(&hb.device_id) {
+                *stored = slots;
+            } else {
+                self.state.insert(hb.device_id.clone(), slots);
             }
         }
         out
@@ -243,6 +261,9 @@ mod tests {
         assert_eq!(fired, 1);
         let t = e.observe(&hb("d", 330, 80), &c, true);
         assert!(t.contains(&Transition::Cleared { rule: "hr_high" }));
+        // Nothing in progress: the device holds no state at all.
+        assert_eq!(e.in_progress(), 0);
+        assert!(e.state.is_empty());
     }
 
     #[test]

@@ -36,6 +36,19 @@ pub struct Channels {
     pub downlink: Option<Downlink>,
 }
 
+impl Channels {
+    /// Whether this deployment has the channel at all (no SMS provider is a choice, not an
+    /// incident).
+    pub fn available(&self, channel: &str) -> bool {
+        match channel {
+            "sms" => self.sms.is_some(),
+            "email" => self.email.is_some(),
+            "downlink" => self.downlink.is_some(),
+            _ => true,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Notifier {
     pub pool: Pool,
@@ -210,7 +223,7 @@ impl Notifier {
                 self.retry(row, backoff, &e).await?;
             }
             Err(e) => {
-                if e.to_string().contains("not configured") {
+                if !self.channels.available(&row.channel) {
                     // A deployment choice (no SMS provider yet), not an incident.
                     tracing::info!(alert_id = row.alert_id, channel = %row.channel, "channel not configured; falling back");
                 } else {

@@ -117,8 +117,9 @@ pub fn build_pool(settings: &DatabaseSettings) -> Result<Pool, StoreError> {
         .map_err(|e| StoreError::Build(e.to_string()))
 }
 
-/// Waits until the database answers, retrying with capped exponential backoff and saying
-/// which database it waits for, so a starting service never crash-loops on a late database.
+/// Waits until the database answers (creating it when the server has none of that name),
+/// retrying with capped exponential backoff and saying which database it waits for, so a
+/// starting service never crash-loops on a late database.
 pub async fn wait_for_database(
     pool: &Pool,
     url: &str,
@@ -129,6 +130,9 @@ pub async fn wait_for_database(
     loop {
         attempt += 1;
         let result = async {
+            // A fresh machine may have the server but not our database yet: create it once
+            // the server answers, then check the pool can use it.
+            ensure_database(url).await?;
             let client = pool.get().await?;
             client.simple_query("SELECT 1").await?;
             Ok::<_, StoreError>(())
