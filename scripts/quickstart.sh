@@ -101,6 +101,7 @@ SERVICE=${pids[1]}
 
 PSQL=(psql "$SILVERGUARD_DATABASE_URL" -qtA -F ' | ')
 start=$(date +%s)
+touch "$RUN_DIR/quickstart.started"
 while :; do
   sleep 2
   clear 2>/dev/null || true
@@ -112,7 +113,7 @@ while :; do
                -c "SELECT 'rejects:    ' || count(*) || '  (' || coalesce(string_agg(reason || '=' || n, ', '), '') || ')' FROM (SELECT reason, count(*) n FROM ingest_rejects GROUP BY reason) r" \
                -c "SELECT 'outbox:     ' || coalesce(string_agg(channel || ' ' || status || '=' || n, ', ' ORDER BY channel, status), '') FROM (SELECT channel, status, count(*) n FROM outbox GROUP BY 1, 2) o" \
                2>/dev/null || true
-  echo "mails:      $(find "$MAILDIR" -maxdepth 1 -name '*.json' 2>/dev/null | wc -l) in .run/mail"
+  echo "mails:      $(find "$MAILDIR" -maxdepth 1 -name '*.json' -newer "$RUN_DIR/quickstart.started" 2>/dev/null | wc -l) this run in .run/mail"
   echo
   echo "latest heartbeats:"
   psql "$SILVERGUARD_DATABASE_URL" -c "SELECT device_id, to_char(ts, 'HH24:MI:SS') AS at, heart_rate_bpm AS hr, spo2_pct AS spo2, systolic_mmhg || '/' || diastolic_mmhg AS bp, round(skin_temp_dc/10.0, 1) AS temp_c, steps_today AS steps, battery_pct AS bat, worn FROM heartbeats ORDER BY ts DESC LIMIT 8" 2>/dev/null || true
