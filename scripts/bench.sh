@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# SOS -> SMS latency under heartbeat load (issue 3), end to end on this machine:
-# builds release, ensures PostgreSQL and a broker from deploy/mosquitto.conf, runs
+# One load step end to end on this machine (issue 3's SOS -> SMS latency under load; issue 5's
+# soak): builds release, ensures PostgreSQL and a broker from deploy/mosquitto.conf, runs
 # `bracelet-sim bench` and writes target/bench/sos-latency.json (docs/performance.md).
+# The rate ramp with the broker/COPY/naive limits and the plot is scripts/bench-ramp.sh.
 #
 # Usage: scripts/bench.sh [bench flags...]
 #   scripts/bench.sh                      # the standard run: 5,000 hb/s, 60 s measured
 #   scripts/bench.sh --smoke              # ~20 s, asserts zero loss (CI)
 #   scripts/bench.sh --rate 8000 --duration 2m
+#   scripts/bench.sh --rate 10000 --devices 100000 --connections 16 --duration 5m   # soak
 # Environment: BENCH_BROKER_PORT (18840), BENCH_JSON (target/bench/sos-latency.json).
 # Exit status: 0 pass, 2 an SOS or a heartbeat was lost, 1 the bench could not run.
 set -euo pipefail

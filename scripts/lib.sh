@@ -109,3 +109,13 @@ ensure_smtp_tools() {
     || apt_install python3-aiosmtpd
   python3 -c 'import aiosmtpd' 2>/dev/null || die "cannot install aiosmtpd for $(command -v python3)"
 }
+
+# What the console's browser test needs: Debian's headless Chromium and its WebDriver
+# (chromedriver), and CJK fonts so the Chinese pages (and their screenshots) render as text.
+ensure_chromium() {
+  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && fc-list 2>/dev/null | grep -qi 'CJK'; then
+    return 0
+  fi
+  apt_install chromium chromium-driver fonts-noto-cjk
+  [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || die "chromium or chromedriver missing after install"
+}

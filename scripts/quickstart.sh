@@ -45,12 +45,45 @@ export SILVERGUARD_ALERTS__PUBLIC_URL="http://$HTTP"
 
 "$BIN/silverguard" migrate
 
-# One elder per simulated bracelet, with the people who answer for them (docs/registry.md).
-# The import provisions the bracelets and binds them; running it again changes nothing.
-log "importing the registry of the simulated fleet (.run/quickstart-registry.csv)"
+# A demo community: the region tree (city > district > communities > grids), one elder per
+# simulated bracelet with the people who answer for them (docs/registry.md), and console
+# users. The import provisions the bracelets and binds them; running it again changes nothing.
+log "importing the demo community (.run/quickstart-regions.csv, .run/quickstart-registry.csv)"
+"$ROOT/scripts/quickstart_registry.sh" --regions "$DEVICES" > "$RUN_DIR/quickstart-regions.csv"
+"$BIN/silverguard" import "$RUN_DIR/quickstart-regions.csv"
 "$BIN/bracelet-sim" ids --devices "$DEVICES" --id-prefix qs- --scenario "$SCENARIOS" --with-scenario \
   | "$ROOT/scripts/quickstart_registry.sh" > "$RUN_DIR/quickstart-registry.csv"
 "$BIN/silverguard" import "$RUN_DIR/quickstart-registry.csv"
+
+# Console users of the demo, all with the same password (a local demo only: docs/console.md
+# says how to make real ones). The grid worker and the guardian are the registry contacts the
+# alerts notify, so the console shows them what their SMS and mail are about.
+DEMO_PASSWORD=${QUICKSTART_PASSWORD:-silverguard-demo}
+contact_by_phone() {
+  psql "$SILVERGUARD_DATABASE_URL" -qtA -c "SELECT id FROM contacts WHERE phone LIKE '%$1' ORDER BY id LIMIT 1"
+}
+log "console users: admin, supervisor, grid1, guardian (password: $DEMO_PASSWORD)"
+export SILVERGUARD_NEW_PASSWORD="$DEMO_PASSWORD"
+"$BIN/silverguard" user add admin --role admin --name "管理员" >/dev/null
+"$BIN/silverguard" user add supervisor --role supervisor --region qs-xh --name "街道孙科长" >/dev/null
+"$BIN/silverguard" user add grid1 --role grid_worker --region qs-g0 --name "王芳" \
+  --contact "$(contact_by_phone 19900001000)" >/dev/null
+"$BIN/silverguard" user add guardian --role guardian --name "王伟" \
+  --contact "$(contact_by_phone 19910000000)" >/dev/null
+unset SILVERGUARD_NEW_PASSWORD
+# A week of care work so the compliance columns are not all red: the first grid's elders were
+# visited once, half of them called twice.
+psql "$SILVERGUARD_DATABASE_URL" -q -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+INSERT INTO care_contacts (elder_id, kind, at, by_user_id, by_name, notes)
+SELECT e.id, k.kind, now() - k.ago, u.id, u.display_name, '例行探访，老人状态良好'
+  FROM elders e
+  JOIN regions r ON r.id = e.region_id AND r.code = 'qs-g0'
+  JOIN users u ON u.username = 'grid1'
+  CROSS JOIN (VALUES ('visit', interval '1 hour'), ('call', interval '2 hours'),
+                     ('call', interval '3 hours')) AS k(kind, ago)
+ WHERE (k.kind = 'visit' OR e.id % 2 = 0)
+   AND NOT EXISTS (SELECT 1 FROM care_contacts c WHERE c.elder_id = e.id);
+SQL
 
 pids=()
 sink=""
@@ -106,7 +139,8 @@ while :; do
   sleep 2
   clear 2>/dev/null || true
   echo "Silverguard quickstart — $DEVICES bracelets → Mosquitto :$PORT → silverguard → PostgreSQL → mail in .run/mail"
-  echo "metrics: http://$HTTP/metrics   logs: .run/silverguard.log   Ctrl-C to stop"
+  echo "console: http://$HTTP/  (grid1, supervisor, guardian or admin / $DEMO_PASSWORD)"
+  echo "API: http://$HTTP/api/v1/openapi.json   metrics: http://$HTTP/metrics   logs: .run/silverguard.log   Ctrl-C to stop"
   echo
   "${PSQL[@]}" -c "SELECT 'heartbeats: ' || count(*) FROM heartbeats" \
                -c "SELECT 'events:     ' || count(*) || '  (' || coalesce(string_agg(kind || '=' || n, ', '), '') || ')' FROM (SELECT kind, count(*) n FROM device_events GROUP BY kind) k" \

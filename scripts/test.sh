@@ -12,6 +12,8 @@ command -v mosquitto >/dev/null || apt_install mosquitto
 command -v mosquitto_pub >/dev/null || apt_install mosquitto-clients
 # The notification tests run a real SMTP server (aiosmtpd) and make TLS certificates.
 ensure_smtp_tools
+# The console's browser test drives headless Chromium through chromedriver.
+ensure_chromium
 
 export SILVERGUARD_TEST_PG_BASE="$SILVERGUARD_PG_BASE"
 

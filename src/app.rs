@@ -149,20 +149,46 @@ impl Application {
         )
         .await?;
 
+        // The console's live board: one LISTEN on alert changes for this process.
+        let live =
+            crate::api::console::live::LiveHub::start(settings.database.url.expose().to_string());
+        // Device credentials need the broker's admin account; without one the API says so.
+        let broker_admin = if settings.broker_admin.username.is_empty() {
+            None
+        } else {
+            match crate::store::credentials::BrokerAdmin::from_settings(
+                &settings.broker_admin,
+                &settings.mqtt,
+            ) {
+                Ok(a) => Some(std::sync::Arc::new(a)),
+                Err(e) => {
+                    tracing::error!(error = %e, "broker_admin settings unusable; device credentials disabled");
+                    None
+                }
+            }
+        };
         let api = crate::api::router(crate::api::ApiState {
             pool: pool.clone(),
             metrics: metrics.clone(),
             expected_mqtt_connections: settings.mqtt.connections as i64,
             alerts: std::sync::Arc::new(settings.alerts.clone()),
             link_secret,
+            login_limiter: std::sync::Arc::new(crate::api::auth::LoginLimiter::default()),
+            cookie_secure: settings.http.cookie_secure,
+            live: live.clone(),
+            broker_admin,
         });
         let http_shutdown = CancellationToken::new();
         let http = {
             let token = http_shutdown.clone();
             tokio::spawn(async move {
-                axum::serve(listener, api)
-                    .with_graceful_shutdown(async move { token.cancelled().await })
-                    .await
+                axum::serve(
+                    listener,
+                    // The peer address keys the console's login rate limit.
+                    api.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await
             })
         };
         tracing::info!(http = %settings.http.addr, "silverguard serving");
@@ -179,6 +205,8 @@ impl Application {
         let _ = tokio::time::timeout(Duration::from_secs(10), notifier_task).await;
         upkeep_cancel.cancel();
         let _ = upkeep.await;
+        // Open board streams end now, or graceful shutdown would wait on them.
+        live.stop();
         http_shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), http).await;
         pool.close();
@@ -194,13 +222,26 @@ async fn upkeep_once(pool: &store::PgPool, settings: &Settings) {
         behind,
         settings.storage.partitions_ahead_days,
         settings.ingest.rejects_keep_rows,
+        settings.storage.heartbeat_retention_days,
     )
     .await
     {
-        Ok(Some(created)) if created > 0 => {
-            tracing::info!(created, "heartbeat partitions created")
+        Ok(Some(done)) => {
+            if done.partitions_created > 0 {
+                tracing::info!(
+                    created = done.partitions_created,
+                    "heartbeat partitions created"
+                );
+            }
+            if !done.partitions_dropped.is_empty() {
+                tracing::info!(
+                    dropped = ?done.partitions_dropped,
+                    retention_days = settings.storage.heartbeat_retention_days,
+                    "heartbeat partitions past retention dropped"
+                );
+            }
         }
-        Ok(_) => {}
+        Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "storage upkeep failed; will retry"),
     }
 }

@@ -63,6 +63,8 @@ pub struct Settings {
     pub log: LogSettings,
     pub alerts: crate::alerts::settings::AlertSettings,
     pub notify: crate::notify::settings::NotifySettings,
+    /// The broker's dynamic-security admin, for device credentials (docs/device-credentials.md).
+    pub broker_admin: crate::store::credentials::BrokerAdminSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -207,6 +209,9 @@ pub struct StorageSettings {
     /// How often partition upkeep and reject trimming run (once across all instances).
     #[serde(with = "humantime_serde")]
     pub upkeep_interval: Duration,
+    /// Heartbeats are kept this many days, then their daily partition is dropped; 0 keeps
+    /// them forever. Events, alerts and the audit trail are not affected.
+    pub heartbeat_retention_days: u32,
 }
 
 impl Default for StorageSettings {
@@ -214,6 +219,7 @@ impl Default for StorageSettings {
         StorageSettings {
             partitions_ahead_days: 7,
             upkeep_interval: Duration::from_secs(600),
+            heartbeat_retention_days: 0,
         }
     }
 }
@@ -222,12 +228,16 @@ impl Default for StorageSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
     pub addr: String,
+    /// Mark session cookies `Secure`. Set it when the console is reached over HTTPS (directly
+    /// or through a TLS-terminating proxy); browsers then never send the cookie in clear.
+    pub cookie_secure: bool,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             addr: "127.0.0.1:8080".into(),
+            cookie_secure: false,
         }
     }
 }
@@ -463,6 +473,16 @@ impl Settings {
         }
         if !(1..=60).contains(&self.storage.partitions_ahead_days) {
             problems.push("storage.partitions_ahead_days must be between 1 and 60".into());
+        }
+        // Upkeep makes partitions back to the oldest device time ingest accepts; retention
+        // shorter than that would drop what it had just made.
+        let behind_days = self.ingest.max_clock_behind.as_secs() / 86_400 + 1;
+        let keep = self.storage.heartbeat_retention_days as u64;
+        if keep != 0 && keep <= behind_days {
+            problems.push(format!(
+                "storage.heartbeat_retention_days must be 0 (keep forever) or more than {behind_days} \
+                 (ingest.max_clock_behind plus a day)"
+            ));
         }
         problems.extend(self.alerts.validate());
         problems.extend(self.notify.validate());

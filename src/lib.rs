@@ -20,6 +20,7 @@
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod care;
 pub mod config;
 pub mod ingest;
 pub mod metrics;

@@ -1,5 +1,8 @@
 //! The `silverguard` command: `serve`, `migrate`, `device add|list|remove`.
 
+mod registry_cli;
+mod user_cli;
+
 use std::io::BufRead;
 use std::path::PathBuf;
 
@@ -53,6 +56,16 @@ enum Command {
     /// Alerts: list, show with timeline, acknowledge, resolve (docs/alerts.md).
     #[command(subcommand)]
     Alert(AlertCommand),
+    /// Console and API users: roles, regions, passwords, API tokens (docs/console.md).
+    #[command(subcommand)]
+    User(user_cli::UserCommand),
+    /// The region network: city, township, community, grid (docs/registry.md).
+    #[command(subcommand)]
+    Region(registry_cli::RegionCommand),
+    /// The MQTT broker's dynamic security: service account, default deny
+    /// (docs/device-credentials.md).
+    #[command(subcommand)]
+    Broker(registry_cli::BrokerCommand),
 }
 
 #[derive(Subcommand)]
@@ -118,7 +131,21 @@ enum DeviceCommand {
         /// Expected heartbeat interval in seconds (silence detection uses it).
         #[arg(long)]
         interval_s: Option<i32>,
+        /// The bracelet's IMEI, 15 digits (with a single device id).
+        #[arg(long)]
+        imei: Option<String>,
+        /// Firmware version.
+        #[arg(long)]
+        firmware: Option<String>,
     },
+    /// Who wore a bracelet when: every bind and unbind, newest first.
+    History(registry_cli::HistoryArgs),
+    /// Provision bracelets from a CSV (device_id,imei,model,firmware,elder_ref), all or
+    /// nothing.
+    Import(registry_cli::KindImportArgs),
+    /// MQTT credentials of a device: issue, rotate, revoke, show (docs/device-credentials.md).
+    #[command(subcommand)]
+    Credentials(registry_cli::CredentialsCommand),
     /// List devices with last-seen time, presence and battery.
     List {
         #[arg(long, default_value_t = 1000)]
@@ -196,6 +223,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Contact(cmd) => contact(settings, cmd).await,
         Command::Import(args) => import(settings, args).await,
         Command::Alert(cmd) => alert(settings, cmd).await,
+        Command::User(cmd) => user_cli::run(settings, cmd).await,
+        Command::Region(cmd) => registry_cli::region(settings, cmd).await,
+        Command::Broker(cmd) => registry_cli::broker(settings, cmd).await,
     }
 }
 
@@ -226,6 +256,12 @@ async fn wait_for_signal() {
 }
 
 async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
+    let cmd = match cmd {
+        DeviceCommand::History(a) => return registry_cli::device_history(settings, a).await,
+        DeviceCommand::Import(a) => return registry_cli::device_import(settings, a).await,
+        DeviceCommand::Credentials(c) => return registry_cli::credentials_cmd(settings, c).await,
+        other => other,
+    };
     let url = settings.database.url.expose().to_string();
     let pool = store::build_pool(&settings.database)?;
     let ctx = || format!("database {}", store::describe_url(&url));
@@ -236,6 +272,8 @@ async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
             elder,
             model,
             interval_s,
+            imei,
+            firmware,
         } => {
             if let Some(path) = from_file {
                 let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
@@ -264,6 +302,9 @@ async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
                     elder_name: elder,
                     model,
                     heartbeat_interval_s: interval_s,
+                    imei,
+                    firmware,
+                    actor: Some("cli".into()),
                 },
             )
             .await
@@ -272,6 +313,9 @@ async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
                 "added {} device(s), {} already present",
                 outcome.added, outcome.already_present
             );
+            if outcome.updated > 0 {
+                eprintln!("updated the details of {} device(s)", outcome.updated);
+            }
         }
         DeviceCommand::List { limit, json } => {
             let rows = store::devices::list(&pool, limit).await.with_context(ctx)?;
@@ -281,12 +325,12 @@ async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
                 }
             } else {
                 println!(
-                    "{:<24} {:<16} {:<10} {:>6} {:<21} {:<7} {:>4}",
-                    "DEVICE", "ELDER", "MODEL", "INT_S", "LAST_SEEN", "ONLINE", "BAT%"
+                    "{:<24} {:<16} {:<10} {:>6} {:<21} {:<7} {:>4} {:<15} FIRMWARE",
+                    "DEVICE", "ELDER", "MODEL", "INT_S", "LAST_SEEN", "ONLINE", "BAT%", "IMEI"
                 );
                 for r in rows {
                     println!(
-                        "{:<24} {:<16} {:<10} {:>6} {:<21} {:<7} {:>4}",
+                        "{:<24} {:<16} {:<10} {:>6} {:<21} {:<7} {:>4} {:<15} {}",
                         r.device_id,
                         r.elder.unwrap_or_else(|| "-".into()),
                         r.model.unwrap_or_else(|| "-".into()),
@@ -298,9 +342,14 @@ async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
                         r.battery_pct
                             .map(|b| b.to_string())
                             .unwrap_or_else(|| "-".into()),
+                        or_dash(r.imei),
+                        or_dash(r.firmware),
                     );
                 }
             }
+        }
+        DeviceCommand::History(_) | DeviceCommand::Import(_) | DeviceCommand::Credentials(_) => {
+            unreachable!("handled above")
         }
         DeviceCommand::Remove { ids } => {
             let n = store::devices::remove(&pool, &ids)
@@ -335,6 +384,14 @@ enum ElderCommand {
         /// Only elders of this community.
         #[arg(long)]
         community: Option<String>,
+        /// Only elders whose grid lies in this region (a city, township, community or grid
+        /// code).
+        #[arg(long, value_name = "CODE")]
+        region: Option<String>,
+        /// Only elders in this category (living_alone, empty_nest, left_behind,
+        /// special_hardship; or 独居, 空巢, 留守, 特困).
+        #[arg(long)]
+        category: Option<registry::Category>,
         #[arg(long, default_value_t = 10_000)]
         limit: i64,
         /// Print JSON lines instead of a table.
@@ -374,11 +431,17 @@ enum ElderCommand {
         /// Provision the device when it is not provisioned yet.
         #[arg(long)]
         provision: bool,
+        /// Who binds it (kept in the device's history).
+        #[arg(long, default_value = "cli")]
+        by: String,
     },
     /// Unbind a bracelet from its elder.
     UnbindDevice {
         /// Device id (IMEI).
         device: String,
+        /// Who unbinds it (kept in the device's history).
+        #[arg(long, default_value = "cli")]
+        by: String,
     },
 }
 
@@ -442,6 +505,29 @@ struct ElderAddArgs {
     thresholds: Option<Thresholds>,
     #[arg(long)]
     notes: Option<String>,
+    #[command(flatten)]
+    profile: ElderProfileArgs,
+}
+
+/// Where the elder lives in the network and who they are to the programme.
+#[derive(Args)]
+struct ElderProfileArgs {
+    /// The grid (网格) they live in, by region code.
+    #[arg(long, value_name = "GRID_CODE")]
+    region: Option<String>,
+    /// female or male (女/男).
+    #[arg(long)]
+    gender: Option<registry::Gender>,
+    /// living_alone, empty_nest, left_behind, special_hardship (or 独居, 空巢, 留守, 特困),
+    /// separated by ; or 、 (replaces the stored list; "" clears it).
+    #[arg(long)]
+    categories: Option<registry_cli::CategoryList>,
+    /// Chronic conditions, separated by ; or 、 (replaces the stored list; "" clears it).
+    #[arg(long)]
+    conditions: Option<registry_cli::TextList>,
+    /// Regular medication, separated by ; or 、 (replaces the stored list; "" clears it).
+    #[arg(long)]
+    medications: Option<registry_cli::TextList>,
 }
 
 #[derive(Args)]
@@ -481,6 +567,11 @@ struct ElderSetArgs {
     language: Option<Language>,
     #[arg(long)]
     notes: Option<String>,
+    #[command(flatten)]
+    profile: ElderProfileArgs,
+    /// Take the elder out of any region.
+    #[arg(long, conflicts_with = "region")]
+    clear_region: bool,
 }
 
 #[derive(Subcommand)]
@@ -558,6 +649,9 @@ struct ImportArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// elders, regions or devices, when a CSV's header does not tell (it usually does).
+    #[arg(long)]
+    kind: Option<registry::CsvKind>,
 }
 
 /// Database trouble gets the database's address as context; a rejected value or a missing
@@ -600,6 +694,11 @@ async fn elder(settings: Settings, cmd: ElderCommand) -> anyhow::Result<()> {
                 language: a.language,
                 thresholds: a.thresholds,
                 notes: a.notes,
+                region: a.profile.region,
+                gender: a.profile.gender,
+                categories: a.profile.categories.map(|c| c.0),
+                conditions: a.profile.conditions.map(|c| c.0),
+                medications: a.profile.medications.map(|c| c.0),
             };
             let up = registry::upsert_elder(&pool, &new).await.map_err(&err)?;
             println!("{}", up.id);
@@ -614,10 +713,17 @@ async fn elder(settings: Settings, cmd: ElderCommand) -> anyhow::Result<()> {
         }
         ElderCommand::List {
             community,
+            region,
+            category,
             limit,
             json,
         } => {
-            let elders = registry::list_elders(&pool, community.as_deref(), limit)
+            let filter = registry::ElderFilter {
+                community,
+                region,
+                category,
+            };
+            let elders = registry::find_elders(&pool, &filter, limit)
                 .await
                 .map_err(&err)?;
             if json {
@@ -685,6 +791,15 @@ async fn elder(settings: Settings, cmd: ElderCommand) -> anyhow::Result<()> {
                 language: a.language,
                 thresholds: None,
                 notes: a.notes,
+                region: if a.clear_region {
+                    Some(None)
+                } else {
+                    a.profile.region.map(Some)
+                },
+                gender: a.profile.gender,
+                categories: a.profile.categories.map(|c| c.0),
+                conditions: a.profile.conditions.map(|c| c.0),
+                medications: a.profile.medications.map(|c| c.0),
             };
             let id = registry::update_elder(&pool, &key, &patch)
                 .await
@@ -704,8 +819,9 @@ async fn elder(settings: Settings, cmd: ElderCommand) -> anyhow::Result<()> {
             elder,
             device,
             provision,
+            by,
         } => {
-            let out = registry::bind_device(&pool, &elder, &device, provision)
+            let out = registry::bind_device(&pool, &elder, &device, provision, &by)
                 .await
                 .map_err(&err)?;
             if out.provisioned {
@@ -720,8 +836,8 @@ async fn elder(settings: Settings, cmd: ElderCommand) -> anyhow::Result<()> {
                 out.elder_id
             );
         }
-        ElderCommand::UnbindDevice { device } => {
-            let prev = registry::unbind_device(&pool, &device)
+        ElderCommand::UnbindDevice { device, by } => {
+            let prev = registry::unbind_device(&pool, &device, &by)
                 .await
                 .map_err(&err)?;
             match prev {
@@ -743,6 +859,32 @@ fn print_elder(e: &registry::Elder, who: &registry::Responders) {
     row("phone:", or_dash(e.phone.as_deref()));
     row("address:", or_dash(e.address.as_deref()));
     row("community:", or_dash(e.community.as_deref()));
+    row(
+        "region:",
+        match &e.region_code {
+            Some(code) => format!("{} ({code})", e.region_path.join(" / ")),
+            None => "-".into(),
+        },
+    );
+    row("gender:", or_dash(e.gender));
+    let list = |v: Vec<String>| {
+        if v.is_empty() {
+            "-".into()
+        } else {
+            v.join("; ")
+        }
+    };
+    row(
+        "categories:",
+        list(
+            e.categories
+                .iter()
+                .map(|c| format!("{c} ({})", c.label_zh()))
+                .collect(),
+        ),
+    );
+    row("conditions:", list(e.conditions.clone()));
+    row("medications:", list(e.medications.clone()));
     row(
         "home:",
         match e.home {
@@ -893,6 +1035,19 @@ async fn contact(settings: Settings, cmd: ContactCommand) -> anyhow::Result<()> 
 async fn import(settings: Settings, args: ImportArgs) -> anyhow::Result<()> {
     let url = settings.database.url.expose().to_string();
     let err = registry_error(&url);
+    // A CSV of regions or of devices (told by its header, or --kind) has its own importer.
+    if registry_cli::import_by_kind(
+        &settings,
+        &args.file,
+        args.format,
+        args.kind,
+        args.dry_run,
+        args.json,
+    )
+    .await?
+    {
+        return Ok(());
+    }
     // Parse and validate before connecting: a broken file is reported even with no database.
     let plan = registry::read_import_file(&args.file, args.format).map_err(&err)?;
     let pool = store::build_pool(&settings.database)?;

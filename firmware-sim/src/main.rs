@@ -5,8 +5,9 @@
 //!   final [`FleetReport`] as JSON on request.
 //! * `ids`: the device ids the same flags produce, for shell scripts that provision.
 //! * `send`: one message from one device, waiting for the broker's acknowledgement.
-//! * `bench`: SOS → SMS latency under heartbeat load against a `silverguard serve` it starts
-//!   itself, with its own database and stand-in SMS gateway (docs/performance.md).
+//! * `bench`: ingest throughput and lag, SOS → SMS latency under load, a rate ramp and the
+//!   limits it is compared with, against a `silverguard serve` it starts itself, with its own
+//!   database and stand-in SMS gateway (docs/performance.md).
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -43,7 +44,8 @@ enum Command {
     Ids(IdsArgs),
     /// Publish one message as one device and wait for the broker's acknowledgement.
     Send(SendArgs),
-    /// Measure SOS -> SMS latency under heartbeat load against a silverguard it starts itself.
+    /// Measure ingest throughput and lag, SOS -> SMS latency under load, and the limits
+    /// (broker, COPY, naive bridge), against a silverguard it starts itself.
     Bench(BenchArgs),
 }
 
@@ -222,8 +224,10 @@ struct SendArgs {
 }
 
 /// `bracelet-sim bench`. Unset numbers take the standard values (5,000 hb/s, 60 s) or, with
-/// `--smoke`, the smoke values (500 hb/s, 5 s).
+/// `--smoke`, the smoke values (500 hb/s, 5 s). A flag given twice takes its last value, so
+/// scripts can pass defaults that the caller's flags override.
 #[derive(Args, Debug)]
+#[command(args_override_self = true)]
 struct BenchArgs {
     /// Broker shared by the service and the bench; start it from deploy/mosquitto.conf.
     #[arg(
@@ -292,6 +296,36 @@ struct BenchArgs {
     /// Seed of the bracelets' physiology.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A ramp of offered rates, e.g. 10000,20000,30000: one step each (warm-up + measured
+    /// window, then a pause until everything is committed). Steps default to 5s + 20s. The
+    /// ramp stops after the first step the service cannot keep up with.
+    #[arg(long, value_delimiter = ',')]
+    steps: Vec<f64>,
+    /// Limits to measure first, in the same run: broker, copy, naive, all or none.
+    #[arg(long, default_value = "none")]
+    baselines: firmware_sim::bench::baselines::Which,
+    /// Measured window of the broker and naive-bridge baselines.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    baseline_window: Duration,
+    /// Heartbeats/s offered to the broker baseline (far above its ceiling on purpose).
+    #[arg(long, default_value_t = 400_000.0)]
+    broker_rate: f64,
+    /// Heartbeats/s offered to the naive-bridge baseline.
+    #[arg(long, default_value_t = 5_000.0)]
+    naive_rate: f64,
+    /// Rows `psql \copy` loads in the COPY baseline.
+    #[arg(long, default_value_t = 1_000_000)]
+    copy_rows: u64,
+    /// Ingest-lag markers per second (sampled heartbeats whose rows the bench looks for).
+    #[arg(long, default_value_t = 100.0)]
+    markers_per_s: f64,
+    /// How often the bench looks for its markers: the lag figures' resolution.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    lag_poll: Duration,
+    /// SQL to run on the bench database after migrating, before the service starts
+    /// (repeatable), e.g. "ALTER TABLE device_latest SET (fillfactor = 50)".
+    #[arg(long)]
+    db_sql: Vec<String>,
     /// Write the report as JSON to this file ("-" for stdout; the table then goes to stderr).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -317,14 +351,31 @@ impl BenchArgs {
             rate: self.rate.unwrap_or(base.rate),
             devices: self.devices.unwrap_or(base.devices),
             connections: self.connections.unwrap_or(base.connections),
-            duration: self.duration.unwrap_or(base.duration),
-            warmup: self.warmup.unwrap_or(base.warmup),
+            duration: self.duration.unwrap_or(if self.steps.is_empty() {
+                base.duration
+            } else {
+                Duration::from_secs(20)
+            }),
+            warmup: self.warmup.unwrap_or(if self.steps.is_empty() {
+                base.warmup
+            } else {
+                Duration::from_secs(5)
+            }),
             sos_rate: self.sos_rate.unwrap_or(base.sos_rate),
             idle_sos: self.idle_sos.unwrap_or(base.idle_sos),
             sos_timeout: self.sos_timeout,
             drain_timeout: self.drain_timeout.unwrap_or(base.drain_timeout),
             seed: self.seed,
             quiet: self.quiet,
+            steps: self.steps.clone(),
+            baselines: self.baselines,
+            baseline_window: self.baseline_window,
+            broker_rate: self.broker_rate,
+            naive_rate: self.naive_rate,
+            copy_rows: self.copy_rows,
+            markers_per_s: self.markers_per_s,
+            lag_poll: self.lag_poll,
+            db_sql: self.db_sql.clone(),
             ..base
         };
         c.sos_devices = self.sos_devices.unwrap_or_else(|| c.needed_sos_devices());

@@ -136,8 +136,8 @@ pub async fn on_event(
         }
         EventKind::ServiceCall => {
             tx.execute(
-                "INSERT INTO service_requests (elder_id, device_id, source_event_id, requested_at)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (source_event_id) DO NOTHING",
+                "INSERT INTO work_orders (elder_id, device_id, source_event_id, source, requested_at)
+                 VALUES ($1, $2, $3, 'device', $4) ON CONFLICT (source_event_id) DO NOTHING",
                 &[&elder_id, &e.device_id, &event_id, &e.occurred_at],
             )
             .await?;

@@ -2,6 +2,11 @@
 //! here.
 
 pub mod ack;
+pub mod auth;
+pub mod console;
+pub mod problem;
+pub mod query;
+pub mod v1;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +28,14 @@ pub struct ApiState {
     pub expected_mqtt_connections: i64,
     pub alerts: Arc<crate::alerts::settings::AlertSettings>,
     pub link_secret: Arc<Vec<u8>>,
+    /// Failed-login counts, per username and client address.
+    pub login_limiter: Arc<auth::LoginLimiter>,
+    /// Mark cookies `Secure` (the console is served over HTTPS, directly or by a proxy).
+    pub cookie_secure: bool,
+    /// The broker's dynamic-security admin, when configured (device credentials).
+    pub broker_admin: Option<Arc<crate::store::credentials::BrokerAdmin>>,
+    /// The console's live board feed (one LISTEN per process, fanned out to SSE streams).
+    pub live: console::live::LiveHub,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -31,6 +44,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/ack/{token}", get(ack::show).post(ack::acknowledge))
+        .merge(console::router())
+        .nest("/api/v1", v1::router())
         .with_state(Arc::new(state))
 }
 

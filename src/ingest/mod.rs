@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  broker ──(N MQTT 5 connections, $share group, manual acks)──> connection tasks
+//!         └─(+1 connection `{client_id}-evt`: device events only)──┘
 //!     connection task: decode + validate (pure, inline) -> route by kind ──┐
 //!       ├─ heartbeat lane ─> batcher ─> W COPY writers ───────────────────┤
 //!       ├─ event lane (emergency first) ─> per-event transaction ─────────┤ Done(ack)
@@ -14,7 +15,8 @@
 //! Why the lanes are sized the way they are: the broker never has more than
 //! `receive_maximum` unacknowledged messages out per connection, and nothing is acknowledged
 //! before it is committed, so the number of messages inside the pipeline is bounded by
-//! `connections × receive_maximum`. Every lane can hold that many, so the connection tasks
+//! `(connections + 1) × receive_maximum`. The extra connection carries device events alone,
+//! so an SOS never waits behind a window full of heartbeats (`mqtt::event_filter`). Every lane can hold that many, so the connection tasks
 //! never block on a full lane in normal operation; when the database stalls, the whole window
 //! fills, the broker stops sending and queues for us (persistent session), and nothing is lost.
 
@@ -53,6 +55,22 @@ impl AckSenders {
             // A closed acker means the connection task is gone (shutdown): the broker will
             // redeliver, which the unique keys make harmless.
             let _ = tx.send(mqtt::AckCmd::Done(token.seq));
+        }
+    }
+
+    /// `done` for many messages at once: one channel send per connection instead of one per
+    /// message (a heartbeat batch is thousands of messages).
+    pub fn done_many(&self, tokens: impl IntoIterator<Item = AckToken>) {
+        let mut per_conn: Vec<Vec<u64>> = vec![Vec::new(); self.0.len()];
+        for t in tokens {
+            if let Some(v) = per_conn.get_mut(t.conn as usize) {
+                v.push(t.seq);
+            }
+        }
+        for (tx, seqs) in self.0.iter().zip(per_conn) {
+            if !seqs.is_empty() {
+                let _ = tx.send(mqtt::AckCmd::DoneMany(seqs));
+            }
         }
     }
 }
@@ -135,9 +153,18 @@ pub struct Router {
     pub acks: AckSenders,
     pub known: KnownDevices,
     pub metrics: IngestMetrics,
+    /// The dedicated event connection's index, when there is one (`mqtt::event_filter`).
+    pub event_conn: Option<u16>,
 }
 
 impl Router {
+    /// A message on a device event topic that arrived on a main connection while the event
+    /// connection takes the same topics: the event connection has its own copy.
+    fn is_event_copy(&self, topic: &str, ack: AckToken) -> bool {
+        self.event_conn.is_some_and(|c| c != ack.conn)
+            && mqtt::filter_matches(mqtt::EVENT_TOPICS, topic)
+    }
+
     /// Sends a known device's message to its lane. Awaiting is backpressure, not a risk: see
     /// the module docs for why the lanes cannot fill in normal operation.
     pub async fn route_known(&self, decoded: Decoded, ack: AckToken) {
@@ -153,7 +180,9 @@ impl Router {
                     .is_ok()
             }
             Decoded::Event(event) => {
-                if event.clock_skewed {
+                // Counted once: the event connection's copy counts it.
+                let copy = self.event_conn.is_some_and(|c| c != ack.conn);
+                if event.clock_skewed && !copy {
                     self.metrics.clock_skewed.inc();
                 }
                 let lane = if event.kind.is_emergency() {
@@ -182,6 +211,13 @@ impl Router {
     /// Records a reject. The reject lane sheds under a flood: a device spraying garbage must
     /// not slow good messages, so when it is full the reject is counted, not stored.
     pub fn reject(&self, rejected: Rejected, topic: &str, payload: Bytes, ack: AckToken) {
+        if self.is_event_copy(topic, ack) {
+            // Recorded (and counted) once, by the event connection, which received the same
+            // message. Valid events are still written from both copies (see
+            // `mqtt::event_filter`); a rejected one has nothing to keep safe.
+            self.acks.done(ack);
+            return;
+        }
         self.metrics.rejected(rejected.reason).inc();
         tracing::debug!(device_id = rejected.device_id.as_deref().unwrap_or(""), reason = rejected.reason.as_str(),
             detail = %rejected.detail, "message rejected");
@@ -287,14 +323,25 @@ impl Pipeline {
         let m = &settings.mqtt;
         let s = &settings.ingest;
         // Build every connection's options first, so a bad URL fails before anything starts.
-        let options: Vec<_> = (0..m.connections)
-            .map(|i| mqtt::options(m, i))
+        // Connections 0..N share the configured filter; one more (`-evt`) takes device events
+        // alone, so an SOS never waits behind heartbeats in an in-flight window (see
+        // `mqtt::event_filter`).
+        let mut options: Vec<_> = (0..m.connections)
+            .map(|i| mqtt::options(m, i).map(|o| (o, mqtt::subscription_filter(m))))
             .collect::<Result<_, _>>()?;
+        let event_conn = match mqtt::event_filter(m) {
+            Some(filter) => {
+                options.push((mqtt::options_for(m, "evt")?, filter));
+                Some(m.connections as u16)
+            }
+            None => None,
+        };
+        let n_conns = options.len();
         let known = KnownDevices::default();
         known.replace(crate::store::devices::all_ids(&pool).await?);
         tracing::info!(devices = known.len(), "device registry loaded");
 
-        let window = m.connections * m.receive_maximum as usize + 1024;
+        let window = n_conns * m.receive_maximum as usize + 1024;
         let (hb_tx, hb_rx) = mpsc::channel(window);
         let (em_tx, em_rx) = mpsc::channel(window);
         let (ev_tx, ev_rx) = mpsc::channel(window);
@@ -306,7 +353,7 @@ impl Pipeline {
 
         let mut ack_senders = Vec::new();
         let mut ack_receivers = Vec::new();
-        for _ in 0..m.connections {
+        for _ in 0..n_conns {
             let (tx, rx) = mpsc::unbounded_channel();
             ack_senders.push(tx);
             ack_receivers.push(rx);
@@ -324,6 +371,7 @@ impl Pipeline {
             acks: acks.clone(),
             known: known.clone(),
             metrics: metrics.clone(),
+            event_conn,
         };
         let intake = tokio_util::sync::CancellationToken::new();
         let lanes_cancel = tokio_util::sync::CancellationToken::new();
@@ -336,6 +384,7 @@ impl Pipeline {
             cancel: lanes_cancel.clone(),
             alerts: Arc::new(settings.alerts.clone()),
             rules: rules_tx,
+            event_conn,
         };
 
         let latest = tokio::spawn(writer::run_latest_tracker(
@@ -400,7 +449,7 @@ impl Pipeline {
                 .unwrap_or(chrono::TimeDelta::days(7)),
         };
         let mut connections = tokio::task::JoinSet::new();
-        for (i, (opts, ack_rx)) in options.into_iter().zip(ack_receivers).enumerate() {
+        for (i, ((opts, filter), ack_rx)) in options.into_iter().zip(ack_receivers).enumerate() {
             let (client, eventloop) =
                 rumqttc::v5::AsyncClient::new(opts, m.receive_maximum as usize + 64);
             let (pending_tx, pending_rx) = tokio::sync::watch::channel(0usize);
@@ -413,6 +462,7 @@ impl Pipeline {
             connections.spawn(mqtt::run_connection(
                 i as u16,
                 m.clone(),
+                filter,
                 client,
                 eventloop,
                 ack_senders[i].clone(),
@@ -428,6 +478,7 @@ impl Pipeline {
             connections = m.connections,
             receive_maximum = m.receive_maximum,
             filter = %mqtt::subscription_filter(m),
+            event_filter = mqtt::event_filter(m).as_deref().unwrap_or("-"),
             "ingest started"
         );
         Ok(Pipeline {

@@ -33,6 +33,8 @@ pub enum AckCmd {
     Register { seq: u64, ack: Option<(QoS, u16)> },
     /// The message's rows are committed (or it was rejected and recorded).
     Done(u64),
+    /// `Done` for several messages (a committed heartbeat batch).
+    DoneMany(Vec<u64>),
     /// The connection was re-established: old packet ids are void.
     Reset,
 }
@@ -47,6 +49,11 @@ pub enum MqttConfigError {
 
 /// Builds the options for connection `index` of this instance.
 pub fn options(settings: &MqttSettings, index: usize) -> Result<MqttOptions, MqttConfigError> {
+    options_for(settings, &index.to_string())
+}
+
+/// Builds the options for this instance's connection `{client_id}-{suffix}`.
+pub fn options_for(settings: &MqttSettings, suffix: &str) -> Result<MqttOptions, MqttConfigError> {
     let url = url::Url::parse(&settings.url)
         .map_err(|e| MqttConfigError::Url(settings.url.clone(), e.to_string()))?;
     let host = url
@@ -54,7 +61,7 @@ pub fn options(settings: &MqttSettings, index: usize) -> Result<MqttOptions, Mqt
         .ok_or_else(|| MqttConfigError::Url(settings.url.clone(), "no host".into()))?;
     let tls = matches!(url.scheme(), "mqtts" | "ssl");
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-    let client_id = format!("{}-{index}", settings.client_id);
+    let client_id = format!("{}-{suffix}", settings.client_id);
     let mut opts = MqttOptions::new(client_id, host, port);
     opts.set_keep_alive(settings.keep_alive);
     // A persistent session: the broker keeps our subscription and queues messages while we
@@ -108,6 +115,86 @@ pub fn subscription_filter(settings: &MqttSettings) -> String {
     }
 }
 
+/// The device event topics, as a filter.
+pub const EVENT_TOPICS: &str = "sg/v1/dev/+/evt";
+
+/// Whether an MQTT topic filter matches a topic (`+` one level, `#` the rest).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The subscription of the dedicated event connection, when the configured filter takes
+/// device events at all (`None`: it does not, so there is nothing to separate).
+///
+/// Why a connection of its own: acknowledgements go out in receive order and only after
+/// commit, so on a connection that carries heartbeats the broker's in-flight window is
+/// mostly heartbeats waiting for their batch. An SOS queued behind a full window waits for
+/// a whole batch commit before the broker even sends it. On its own connection (its own
+/// session, its own window) an SOS is sent at once. The main connections still receive
+/// events too (their filter covers them, and MQTT has no "all but"); that copy is written
+/// with `ON CONFLICT DO NOTHING` and makes no second row and no second alert, and it keeps an
+/// event safe even if the event session were missing when it was published.
+pub fn event_filter(settings: &MqttSettings) -> Option<String> {
+    if !filter_matches(&settings.topic_filter, "sg/v1/dev/x/evt") {
+        return None;
+    }
+    Some(if settings.shared_group.is_empty() {
+        EVENT_TOPICS.to_string()
+    } else {
+        format!("$share/{}/{EVENT_TOPICS}", settings.shared_group)
+    })
+}
+
+/// One received message in the acker's window.
+struct Slot {
+    ack: Option<(QoS, u16)>,
+    done: bool,
+}
+
+fn mark_done(window: &mut VecDeque<Slot>, base: u64, seq: u64) {
+    if seq >= base {
+        if let Some(slot) = window.get_mut((seq - base) as usize) {
+            slot.done = true;
+        }
+    }
+}
+
+/// Sends the PUBACKs of the longest committed prefix of the window. False when the event
+/// loop is gone (shutdown; unacked messages are redelivered to the session later).
+async fn ack_prefix(
+    client: &AsyncClient,
+    window: &mut VecDeque<Slot>,
+    base: &mut u64,
+    metrics: &crate::metrics::IngestMetrics,
+) -> bool {
+    while window.front().is_some_and(|s| s.done) {
+        let Some(slot) = window.pop_front() else {
+            break;
+        };
+        *base += 1;
+        metrics.pending_acks.dec();
+        if let Some((qos, pkid)) = slot.ack {
+            let mut p = Publish::new("", qos, bytes::Bytes::new(), None);
+            p.pkid = pkid;
+            if client.ack(&p).await.is_err() {
+                return false;
+            }
+            metrics.acks_sent.inc();
+        }
+    }
+    true
+}
+
 /// Acknowledges committed messages in receive order.
 pub async fn run_acker(
     client: AsyncClient,
@@ -115,10 +202,6 @@ pub async fn run_acker(
     pending_tx: watch::Sender<usize>,
     router: Router,
 ) {
-    struct Slot {
-        ack: Option<(QoS, u16)>,
-        done: bool,
-    }
     let mut window: VecDeque<Slot> = VecDeque::new();
     let mut base: u64 = 0;
     let metrics = router.metrics.clone();
@@ -132,27 +215,17 @@ pub async fn run_acker(
                 metrics.pending_acks.inc();
             }
             AckCmd::Done(seq) => {
-                if seq >= base {
-                    if let Some(slot) = window.get_mut((seq - base) as usize) {
-                        slot.done = true;
-                    }
+                mark_done(&mut window, base, seq);
+                if !ack_prefix(&client, &mut window, &mut base, &metrics).await {
+                    return;
                 }
-                while window.front().is_some_and(|s| s.done) {
-                    let Some(slot) = window.pop_front() else {
-                        break;
-                    };
-                    base += 1;
-                    metrics.pending_acks.dec();
-                    if let Some((qos, pkid)) = slot.ack {
-                        let mut p = Publish::new("", qos, bytes::Bytes::new(), None);
-                        p.pkid = pkid;
-                        if client.ack(&p).await.is_err() {
-                            // The event loop is gone (shutdown); unacked messages are
-                            // redelivered to the session later.
-                            return;
-                        }
-                        metrics.acks_sent.inc();
-                    }
+            }
+            AckCmd::DoneMany(seqs) => {
+                for seq in seqs {
+                    mark_done(&mut window, base, seq);
+                }
+                if !ack_prefix(&client, &mut window, &mut base, &metrics).await {
+                    return;
                 }
             }
             AckCmd::Reset => {
@@ -170,6 +243,7 @@ pub async fn run_acker(
 pub async fn run_connection(
     index: u16,
     settings: MqttSettings,
+    filter: String,
     client: AsyncClient,
     mut eventloop: EventLoop,
     acker: mpsc::UnboundedSender<AckCmd>,
@@ -179,9 +253,8 @@ pub async fn run_connection(
     cancel: CancellationToken,
     drain_timeout: Duration,
 ) {
-    let span = tracing::info_span!("mqtt", conn = index, broker = %settings.url);
+    let span = tracing::info_span!("mqtt", conn = index, broker = %settings.url, filter = %filter);
     async move {
-        let filter = subscription_filter(&settings);
         let mut seq: u64 = 0;
         let mut draining: Option<Instant> = None;
         let mut backoff = Duration::from_millis(200);
@@ -321,4 +394,33 @@ pub async fn run_connection(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_like_a_broker() {
+        assert!(filter_matches("sg/#", "sg/v1/dev/x/evt"));
+        assert!(filter_matches("#", "sg/v1/dev/x/evt"));
+        assert!(filter_matches("sg/v1/dev/+/evt", "sg/v1/dev/x/evt"));
+        assert!(filter_matches("sg/+/dev/+/+", "sg/v1/dev/x/evt"));
+        assert!(!filter_matches("sg/v1/dev/+/hb", "sg/v1/dev/x/evt"));
+        assert!(!filter_matches("sg/v1/dev/+", "sg/v1/dev/x/evt"));
+        assert!(!filter_matches("sg/v1/dev/+/evt/x", "sg/v1/dev/x/evt"));
+    }
+
+    #[test]
+    fn events_get_their_own_subscription_when_the_filter_takes_them() {
+        let mut m = MqttSettings::default();
+        assert_eq!(event_filter(&m).as_deref(), Some("sg/v1/dev/+/evt"));
+        m.shared_group = "g".into();
+        assert_eq!(
+            event_filter(&m).as_deref(),
+            Some("$share/g/sg/v1/dev/+/evt")
+        );
+        m.topic_filter = "sg/v1/dev/+/hb".into();
+        assert_eq!(event_filter(&m), None);
+    }
 }

@@ -226,14 +226,28 @@ pub struct LaneContext {
     pub alerts: Arc<crate::alerts::settings::AlertSettings>,
     /// Committed heartbeats go to the telemetry rules.
     pub rules: Option<mpsc::Sender<Vec<Heartbeat>>>,
+    /// The dedicated event connection's index, when there is one: an event that arrives on
+    /// another connection too is expected to be found already stored.
+    pub event_conn: Option<u16>,
 }
 
 impl LaneContext {
     fn observe_commit(&self, received: Instant, ts: DateTime<Utc>) {
+        self.observe_commit_at(Instant::now(), Utc::now(), received, ts);
+    }
+
+    /// [`Self::observe_commit`] with the clocks read once for a whole batch.
+    fn observe_commit_at(
+        &self,
+        now: Instant,
+        wall: DateTime<Utc>,
+        received: Instant,
+        ts: DateTime<Utc>,
+    ) {
         self.metrics
             .pipeline_seconds
-            .observe(received.elapsed().as_secs_f64());
-        let lag = (Utc::now() - ts).num_milliseconds().max(0) as f64 / 1000.0;
+            .observe(now.saturating_duration_since(received).as_secs_f64());
+        let lag = (wall - ts).num_milliseconds().max(0) as f64 / 1000.0;
         self.metrics.lag_seconds.observe(lag);
     }
 }
@@ -305,10 +319,11 @@ pub async fn run_heartbeat_writer(
             ctx.metrics.batch_rows.observe(batch.len() as f64);
             ctx.metrics.committed.heartbeat.inc_by(outcome.inserted);
             ctx.metrics.duplicates.heartbeat.inc_by(outcome.duplicates);
+            let (now, wall) = (Instant::now(), Utc::now());
             for item in &batch {
-                ctx.observe_commit(item.ack.received, item.hb.ts);
-                ctx.acks.done(item.ack);
+                ctx.observe_commit_at(now, wall, item.ack.received, item.hb.ts);
             }
+            ctx.acks.done_many(batch.iter().map(|i| i.ack));
             if let Some(rules) = &ctx.rules {
                 let _ = rules.send(batch.iter().map(|i| i.hb.clone()).collect()).await;
             }
@@ -458,8 +473,13 @@ pub async fn run_event_lane(
                         break;
                     }
                     Ok(None) => {
-                        ctx.metrics.duplicates.event.inc();
-                        tracing::debug!("event already stored (redelivery)");
+                        if ctx.event_conn.is_some_and(|c| c != item.ack.conn) {
+                            // The main subscription's copy of what the event connection took.
+                            tracing::debug!("event already stored (from the event connection)");
+                        } else {
+                            ctx.metrics.duplicates.event.inc();
+                            tracing::debug!("event already stored (redelivery)");
+                        }
                         break;
                     }
                     // An emergency is never given up: keep retrying (its ack stays held, so the

@@ -328,8 +328,8 @@ impl Notifier {
             location,
             vitals: vitals.at.map(|_| vitals.clone()),
             ack_url: Some(format!("{base}/ack/{token}")),
-            // The console arrives with the registry/console issue; no link to a 404 until then.
-            console_url: None,
+            // The console's alert page (login required; scoped to the reader's elders).
+            console_url: Some(format!("{base}/alerts/{}", row.alert_id)),
             escalation_step: row.step.max(0),
             repeat_count: 0,
             detail: describe_detail(&detail),

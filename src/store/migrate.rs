@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "alerts",
         sql: include_str!("../../migrations/0003_alerts.sql"),
     },
+    Migration {
+        version: 4,
+        name: "console",
+        sql: include_str!("../../migrations/0004_console.sql"),
+    },
 ];
 
 fn checksum(sql: &str) -> String {

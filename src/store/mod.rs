@@ -4,8 +4,10 @@
 //! Every "once across all instances" job takes a Postgres advisory lock, so N processes
 //! sharing one database behave as one (DESIGN.md guarantee 5).
 
+pub mod credentials;
 pub mod devices;
 pub mod migrate;
+pub mod regions;
 pub mod registry;
 
 use std::time::Duration;
@@ -158,13 +160,25 @@ pub async fn wait_for_database(
     }
 }
 
-/// Partition upkeep and reject trimming, done by whichever instance gets the lock.
+/// What one round of upkeep did.
+#[derive(Debug, Default)]
+pub struct Upkept {
+    pub partitions_created: i32,
+    /// Daily heartbeat partitions dropped by retention, oldest first.
+    pub partitions_dropped: Vec<String>,
+}
+
+/// Partition upkeep, retention and reject trimming, done by whichever instance gets the lock.
+/// `retention_days` 0 keeps heartbeats forever; otherwise a day's partition is dropped once
+/// the whole day is older than that many days (dropping a partition is instant and leaves no
+/// dead rows behind, unlike DELETE).
 pub async fn upkeep(
     pool: &Pool,
     days_behind: u32,
     days_ahead: u32,
     rejects_keep_rows: i64,
-) -> Result<Option<i32>, StoreError> {
+    retention_days: u32,
+) -> Result<Option<Upkept>, StoreError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let got: bool = tx
@@ -174,7 +188,31 @@ pub async fn upkeep(
     if !got {
         return Ok(None);
     }
-    let created: i32 = tx
+    let mut done = Upkept::default();
+    if retention_days > 0 {
+        // Partitions are named heartbeats_pYYYYMMDD after their UTC day (0001_ingest.sql).
+        let rows = tx
+            .query(
+                "SELECT c.relname
+                   FROM pg_inherits i
+                   JOIN pg_class c ON c.oid = i.inhrelid
+                  WHERE i.inhparent = 'heartbeats'::regclass
+                    AND c.relname ~ '^heartbeats_p[0-9]{8}$'
+                    AND to_date(substr(c.relname, 13), 'YYYYMMDD')
+                        < (now() AT TIME ZONE 'UTC')::date - $1::int
+                  ORDER BY c.relname",
+                &[&(retention_days as i32)],
+            )
+            .await?;
+        for r in rows {
+            let name: String = r.get(0);
+            // The name matched the pattern above, so quoting is belt and braces.
+            tx.batch_execute(&format!("DROP TABLE \"{}\"", name.replace('"', "")))
+                .await?;
+            done.partitions_dropped.push(name);
+        }
+    }
+    done.partitions_created = tx
         .query_one(
             "SELECT sg_ensure_heartbeat_partitions($1, $2)",
             &[&(days_behind as i32), &(days_ahead as i32)],
@@ -187,7 +225,7 @@ pub async fn upkeep(
     )
     .await?;
     tx.commit().await?;
-    Ok(Some(created))
+    Ok(Some(done))
 }
 
 /// Creates the database named in the URL when it does not exist yet (connecting to the

@@ -97,6 +97,11 @@ impl RegistryError {
         }
     }
 
+    /// A rejected value of `field` (for the other registry modules).
+    pub fn invalid_field(field: &str, message: impl Into<String>) -> Self {
+        Self::invalid(field, message)
+    }
+
     fn invalid_all(problems: Vec<FieldProblem>) -> Self {
         let field = problems
             .iter()
@@ -247,6 +252,179 @@ impl Serialize for Role {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
     }
+}
+
+/// An elder's gender as the programme records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Gender {
+    Female,
+    Male,
+}
+
+impl Gender {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gender::Female => "female",
+            Gender::Male => "male",
+        }
+    }
+}
+
+impl fmt::Display for Gender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// `female` / `male`, also `f` / `m`, `女` / `男`.
+impl FromStr for Gender {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match to_half_width(s).trim().to_lowercase().as_str() {
+            "female" | "f" | "woman" | "女" | "女性" => Ok(Gender::Female),
+            "male" | "m" | "man" | "男" | "男性" => Ok(Gender::Male),
+            other => Err(format!(
+                "unknown gender {other:?}: use female or male (女/男)"
+            )),
+        }
+    }
+}
+
+impl Serialize for Gender {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Why an elder is in the programme (the `elders.categories` values); an elder may be in
+/// several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Category {
+    /// 独居: lives alone.
+    LivingAlone,
+    /// 空巢: children live elsewhere.
+    EmptyNest,
+    /// 留守: left behind in the village by working children.
+    LeftBehind,
+    /// 特困: in special hardship (state support).
+    SpecialHardship,
+}
+
+impl Category {
+    pub const ALL: [Category; 4] = [
+        Category::LivingAlone,
+        Category::EmptyNest,
+        Category::LeftBehind,
+        Category::SpecialHardship,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::LivingAlone => "living_alone",
+            Category::EmptyNest => "empty_nest",
+            Category::LeftBehind => "left_behind",
+            Category::SpecialHardship => "special_hardship",
+        }
+    }
+
+    /// The label the programme's ledgers use.
+    pub fn label_zh(self) -> &'static str {
+        match self {
+            Category::LivingAlone => "独居",
+            Category::EmptyNest => "空巢",
+            Category::LeftBehind => "留守",
+            Category::SpecialHardship => "特困",
+        }
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// The English value (`living_alone`, also with `-` or spaces) or the Chinese label
+/// (独居, 空巢, 留守, 特困; also 独居老人, 空巢老人, 留守老人, 特困人员, 特困供养).
+impl FromStr for Category {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let norm = to_half_width(s)
+            .trim()
+            .to_lowercase()
+            .replace(['-', ' '], "_");
+        let zh = norm
+            .trim_end_matches("老人")
+            .trim_end_matches("人员")
+            .trim_end_matches("供养");
+        Category::ALL
+            .into_iter()
+            .find(|c| c.as_str() == norm || c.label_zh() == zh)
+            .ok_or_else(|| {
+                format!(
+                    "unknown category {:?}: use living_alone (独居), empty_nest (空巢), left_behind (留守) or special_hardship (特困)",
+                    s.trim()
+                )
+            })
+    }
+}
+
+impl Serialize for Category {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Parses a list of categories (`独居;空巢`, `living_alone、left_behind`; commas work too,
+/// since labels never contain one). Duplicates are dropped; the result is sorted.
+pub fn parse_categories(raw: &str) -> Result<Vec<Category>, String> {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for item in to_half_width(raw)
+        .split([';', '；', '、', ',', '，', '/'])
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+    {
+        match item.parse::<Category>() {
+            Ok(c) => out.push(c),
+            Err(m) => bad.push(m),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(bad.join("; "));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// A list of conditions or medications: items separated by `;`, `；` or `、`, each 1 to 200
+/// characters, at most 50; duplicates dropped (first kept).
+pub fn parse_text_list(raw: &str) -> Result<Vec<String>, String> {
+    check_text_list(split_list(raw))
+}
+
+fn check_text_list(items: Vec<String>) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for item in items {
+        let item = clean_text(&item);
+        if item.is_empty() {
+            continue;
+        }
+        if item.chars().count() > 200 {
+            return Err(format!("{item:?} is longer than 200 characters"));
+        }
+        if item.chars().any(char::is_control) {
+            return Err(format!("{item:?} contains control characters"));
+        }
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    if out.len() > 50 {
+        return Err(format!("{} items: at most 50", out.len()));
+    }
+    Ok(out)
 }
 
 /// A home location, stored as degrees × 10^7 like the bracelet's `Location`, so the geofence
@@ -413,17 +591,174 @@ pub fn parse_webhook(raw: &str) -> Result<String, String> {
     }
 }
 
-/// `YYYY-MM-DD` (or `YYYY/MM/DD`, as spreadsheets write it), between 1900 and today.
+/// A birth date between 1900 and today, as office ledgers write it: `1945-03-02`,
+/// `1945/3/2`, `1945.3.2`, `1945年3月2日`, `19450302` (full-width digits too), optionally
+/// followed by a midnight time as spreadsheets export it (`1945/3/2 0:00`).
 pub fn parse_birth_date(raw: &str) -> Result<NaiveDate, String> {
     let s = raw.trim();
-    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .or_else(|_| NaiveDate::parse_from_str(s, "%Y/%m/%d"))
-        .map_err(|_| format!("{s:?} is not a date: use YYYY-MM-DD"))?;
+    let d = parse_office_date(s).ok_or_else(|| {
+        format!(
+            "{s:?} is not a date: use YYYY-MM-DD (1945/3/2, 1945年3月2日 and 19450302 work too)"
+        )
+    })?;
     let earliest = NaiveDate::from_ymd_opt(1900, 1, 1).unwrap_or(NaiveDate::MIN);
     if d < earliest || d > Utc::now().date_naive() {
         return Err(format!("{s} is not a plausible birth date"));
     }
     Ok(d)
+}
+
+/// The date forms of [`parse_birth_date`], without the plausibility check.
+pub fn parse_office_date(raw: &str) -> Option<NaiveDate> {
+    let s = to_half_width(raw.trim());
+    // "1945/3/2 0:00" or "1945-03-02 00:00:00": a date with a time of midnight.
+    let s = match s.split_once(char::is_whitespace) {
+        Some((date, time))
+            if time
+                .trim()
+                .split(':')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b == b'0')) =>
+        {
+            date.to_string()
+        }
+        _ => s,
+    };
+    let s = s
+        .replace(['年', '月'], "-")
+        .trim_end_matches(['日', '号'])
+        .to_string();
+    let parts: Vec<&str> = s.split(['-', '/', '.']).collect();
+    let num = |p: &str, max_len: usize| -> Option<u32> {
+        if p.is_empty() || p.len() > max_len || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        p.parse().ok()
+    };
+    let (y, m, d) = match parts.as_slice() {
+        [y, m, d] if y.len() == 4 => (num(y, 4)?, num(m, 2)?, num(d, 2)?),
+        [compact] if compact.len() == 8 => (
+            num(&compact[..4], 4)?,
+            num(&compact[4..6], 2)?,
+            num(&compact[6..], 2)?,
+        ),
+        _ => return None,
+    };
+    NaiveDate::from_ymd_opt(y as i32, m, d)
+}
+
+// ---------------------------------------------------------------------------------------
+// Office files: encodings, full-width characters, list cells
+// ---------------------------------------------------------------------------------------
+
+/// Turns full-width ASCII (ＡＢＣ１２３，：) into its half-width form and the ideographic
+/// and no-break spaces into plain spaces, as a Chinese keyboard or Excel may have typed them;
+/// drops zero-width characters. Used on structured cells (ids, phones, dates, codes).
+pub fn to_half_width(s: &str) -> String {
+    s.chars()
+        .filter(|c| !matches!(c, '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{FEFF}'))
+        .map(|c| match c {
+            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            '\u{3000}' | '\u{00A0}' => ' ',
+            _ => c,
+        })
+        .collect()
+}
+
+/// Trims every kind of space (ideographic, no-break) and drops zero-width characters,
+/// leaving the text otherwise as typed. Used on free-text cells (names, addresses).
+pub fn clean_text(s: &str) -> String {
+    s.chars()
+        .filter(|c| !matches!(c, '\u{200B}' | '\u{200C}' | '\u{200D}' | '\u{FEFF}'))
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// Splits a list cell on `;`, `；` or `、`, trimming items and dropping empty ones.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split([';', '；', '、'])
+        .map(clean_text)
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+/// The text of an office file and how it was encoded.
+#[derive(Debug, Clone)]
+pub struct DecodedText {
+    pub text: String,
+    /// `UTF-8`, `UTF-16LE`, `UTF-16BE` or `GB18030` (which covers GBK and GB2312).
+    pub encoding: &'static str,
+}
+
+/// Decodes a CSV or TOML file as offices save them: UTF-8 with or without a BOM, UTF-16 with
+/// a BOM (Excel's "Unicode text"), or else GBK / GB18030 (Excel's plain "CSV" on a Chinese
+/// Windows). A file that is none of these is refused with the line of the first bad byte.
+pub fn decode_office_text(bytes: &[u8]) -> Result<DecodedText, ImportProblem> {
+    if bytes.starts_with(b"PK\x03\x04") {
+        return Err(problem(
+            0,
+            "file",
+            "is an Excel workbook (.xlsx), not CSV: in Excel use Save As, \"CSV UTF-8\"",
+        ));
+    }
+    if let Some((enc, bom_len)) = encoding_rs::Encoding::for_bom(bytes) {
+        let (text, had_errors) = enc.decode_without_bom_handling(&bytes[bom_len..]);
+        if had_errors {
+            return Err(problem(
+                0,
+                "file",
+                format!(
+                    "starts with a {} byte-order mark but is not {}",
+                    enc.name(),
+                    enc.name()
+                ),
+            ));
+        }
+        return Ok(DecodedText {
+            text: text.into_owned(),
+            encoding: enc.name(),
+        });
+    }
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return Ok(DecodedText {
+            text: text.to_string(),
+            encoding: "UTF-8",
+        });
+    }
+    if bytes.contains(&0) {
+        return Err(problem(
+            0,
+            "file",
+            "is binary, not a text (CSV or TOML) file",
+        ));
+    }
+    let mut decoder = encoding_rs::GB18030.new_decoder_without_bom_handling();
+    let mut text = String::with_capacity(bytes.len() * 3 / 2);
+    let mut read = 0;
+    loop {
+        if let Some(need) = decoder.max_utf8_buffer_length_without_replacement(bytes.len() - read) {
+            text.reserve(need);
+        }
+        let (result, n) =
+            decoder.decode_to_string_without_replacement(&bytes[read..], &mut text, true);
+        read += n;
+        match result {
+            encoding_rs::DecoderResult::InputEmpty => break,
+            encoding_rs::DecoderResult::OutputFull => continue,
+            encoding_rs::DecoderResult::Malformed(_, _) => {
+                let line = bytes[..read].iter().filter(|b| **b == b'\n').count() + 1;
+                return Err(problem(
+                    line,
+                    "file",
+                    "is neither UTF-8 nor GBK/GB18030 text (save it as \"CSV UTF-8\")",
+                ));
+            }
+        }
+    }
+    Ok(DecodedText {
+        text,
+        encoding: "GB18030",
+    })
 }
 
 /// A resident identity number (身份证号): 18 characters with a valid GB 11643 check digit,
@@ -954,6 +1289,15 @@ pub struct NewElder {
     pub language: Option<Language>,
     pub thresholds: Option<Thresholds>,
     pub notes: Option<String>,
+    /// The grid (网格) the elder lives in, by region code; it must be a `grid` region.
+    pub region: Option<String>,
+    pub gender: Option<Gender>,
+    /// `Some` replaces the stored categories (an empty list clears them).
+    pub categories: Option<Vec<Category>>,
+    /// Chronic conditions, as the ledger names them; `Some` replaces the stored list.
+    pub conditions: Option<Vec<String>>,
+    /// Regular medication; `Some` replaces the stored list.
+    pub medications: Option<Vec<String>>,
 }
 
 impl NewElder {
@@ -1014,6 +1358,33 @@ impl NewElder {
                 });
             }
         }
+        out.region = clean(&self.region).map(|r| to_half_width(&r).trim().to_string());
+        if let Some(code) = &out.region {
+            if let Err(message) = super::regions::check_code(code) {
+                problems.push(FieldProblem {
+                    field: "region".into(),
+                    message,
+                });
+            }
+        }
+        for (name, list, slot) in [
+            ("conditions", &self.conditions, &mut out.conditions),
+            ("medications", &self.medications, &mut out.medications),
+        ] {
+            if let Some(items) = list {
+                match check_text_list(items.clone()) {
+                    Ok(v) => *slot = Some(v),
+                    Err(message) => problems.push(FieldProblem {
+                        field: name.into(),
+                        message,
+                    }),
+                }
+            }
+        }
+        if let Some(c) = &mut out.categories {
+            c.sort();
+            c.dedup();
+        }
         if problems.is_empty() {
             Ok(out)
         } else {
@@ -1042,6 +1413,17 @@ pub struct Elder {
     pub thresholds: serde_json::Value,
     pub notes: Option<String>,
     pub devices: Vec<String>,
+    /// The grid the elder lives in (`regions.id`), its code and name.
+    pub region_id: Option<i64>,
+    pub region_code: Option<String>,
+    pub region_name: Option<String>,
+    /// Region names from the city down to the grid, e.g. `["杭州市", "湖滨街道",
+    /// "东坡路社区", "东坡路第一网格"]`; empty without a region.
+    pub region_path: Vec<String>,
+    pub gender: Option<Gender>,
+    pub categories: Vec<Category>,
+    pub conditions: Vec<String>,
+    pub medications: Vec<String>,
     #[serde(serialize_with = "ser_time")]
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "ser_time")]
@@ -1069,7 +1451,13 @@ fn ser_time<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
 const ELDER_COLUMNS: &str = "e.id, e.external_ref, e.name, e.id_number, e.birth_date, e.phone,
     e.address, e.community, e.home_lat_e7, e.home_lon_e7, e.home_radius_m, e.wander_risk,
     e.language, e.thresholds, e.notes, e.created_at, e.updated_at,
-    ARRAY(SELECT d.device_id FROM devices d WHERE d.elder_id = e.id ORDER BY d.device_id)";
+    ARRAY(SELECT d.device_id FROM devices d WHERE d.elder_id = e.id ORDER BY d.device_id),
+    e.region_id,
+    (SELECT r.code FROM regions r WHERE r.id = e.region_id),
+    (SELECT r.name FROM regions r WHERE r.id = e.region_id),
+    ARRAY(SELECT a.name FROM regions r JOIN regions a ON left(r.path, length(a.path)) = a.path
+          WHERE r.id = e.region_id ORDER BY length(a.path)),
+    e.gender, e.categories, e.conditions, e.medications";
 
 fn elder_from_row(r: &Row) -> Elder {
     let lat: Option<i32> = r.get(8);
@@ -1096,7 +1484,52 @@ fn elder_from_row(r: &Row) -> Elder {
         created_at: r.get(15),
         updated_at: r.get(16),
         devices: r.get(17),
+        region_id: r.get(18),
+        region_code: r.get(19),
+        region_name: r.get(20),
+        region_path: r.get(21),
+        // The columns' CHECKs admit only known values.
+        gender: r.get::<_, Option<String>>(22).and_then(|g| g.parse().ok()),
+        categories: r
+            .get::<_, Vec<String>>(23)
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect(),
+        conditions: r.get(24),
+        medications: r.get(25),
     }
+}
+
+/// The id of the grid region with this code; any other level (or no such code) is refused
+/// naming the `region` field, since elders live in grids.
+pub async fn resolve_grid<C: GenericClient + Sync>(
+    c: &C,
+    code: &str,
+) -> Result<i64, RegistryError> {
+    let row = c
+        .query_opt("SELECT id, level FROM regions WHERE code = $1", &[&code])
+        .await?;
+    match row {
+        None => Err(RegistryError::invalid(
+            "region",
+            format!("no region has code {code:?}: add it with `silverguard region add` or import the regions first"),
+        )),
+        Some(r) => {
+            let level: String = r.get(1);
+            if level == "grid" {
+                Ok(r.get(0))
+            } else {
+                Err(RegistryError::invalid(
+                    "region",
+                    format!("{code} is a {level}, not a grid: an elder's region is the grid (网格) they live in"),
+                ))
+            }
+        }
+    }
+}
+
+fn strs<T: Copy>(v: &Option<Vec<T>>, f: fn(T) -> &'static str) -> Option<Vec<&'static str>> {
+    v.as_ref().map(|v| v.iter().map(|x| f(*x)).collect())
 }
 
 /// The id of an upserted record and what happened to it.
@@ -1126,13 +1559,21 @@ async fn upsert_elder_in<C: GenericClient + Sync>(
     let lon = v.home.map(|h| h.lon_e7);
     let language = v.language.map(Language::as_str);
     let thresholds = v.thresholds.as_ref().map(Thresholds::to_json);
+    let region_id = match &v.region {
+        Some(code) => Some(resolve_grid(c, code).await?),
+        None => None,
+    };
+    let gender = v.gender.map(Gender::as_str);
+    let categories = strs(&v.categories, Category::as_str);
     let row = c
         .query_opt(
             "INSERT INTO elders (external_ref, name, id_number, birth_date, phone, address,
                  community, home_lat_e7, home_lon_e7, home_radius_m, wander_risk, language,
-                 thresholds, notes)
+                 thresholds, notes, region_id, gender, categories, conditions, medications)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, 300),
-                 coalesce($11, false), coalesce($12, 'zh-CN'), coalesce($13, '{}'::jsonb), $14)
+                 coalesce($11, false), coalesce($12, 'zh-CN'), coalesce($13, '{}'::jsonb), $14,
+                 $15, $16, coalesce($17::text[], '{}'), coalesce($18::text[], '{}'),
+                 coalesce($19::text[], '{}'))
              ON CONFLICT (external_ref) DO UPDATE SET
                  name = $2,
                  id_number = coalesce($3, elders.id_number),
@@ -1147,18 +1588,28 @@ async fn upsert_elder_in<C: GenericClient + Sync>(
                  language = coalesce($12, elders.language),
                  thresholds = coalesce($13, elders.thresholds),
                  notes = coalesce($14, elders.notes),
+                 region_id = coalesce($15, elders.region_id),
+                 gender = coalesce($16, elders.gender),
+                 categories = coalesce($17::text[], elders.categories),
+                 conditions = coalesce($18::text[], elders.conditions),
+                 medications = coalesce($19::text[], elders.medications),
                  updated_at = now()
              WHERE (elders.name, elders.id_number, elders.birth_date, elders.phone,
                     elders.address, elders.community, elders.home_lat_e7, elders.home_lon_e7,
                     elders.home_radius_m, elders.wander_risk, elders.language,
-                    elders.thresholds, elders.notes)
+                    elders.thresholds, elders.notes, elders.region_id, elders.gender,
+                    elders.categories, elders.conditions, elders.medications)
                IS DISTINCT FROM
                    ($2, coalesce($3, elders.id_number), coalesce($4, elders.birth_date),
                     coalesce($5, elders.phone), coalesce($6, elders.address),
                     coalesce($7, elders.community), coalesce($8, elders.home_lat_e7),
                     coalesce($9, elders.home_lon_e7), coalesce($10, elders.home_radius_m),
                     coalesce($11, elders.wander_risk), coalesce($12, elders.language),
-                    coalesce($13, elders.thresholds), coalesce($14, elders.notes))
+                    coalesce($13, elders.thresholds), coalesce($14, elders.notes),
+                    coalesce($15, elders.region_id), coalesce($16, elders.gender),
+                    coalesce($17::text[], elders.categories),
+                    coalesce($18::text[], elders.conditions),
+                    coalesce($19::text[], elders.medications))
              RETURNING id, (xmax = 0)",
             &[
                 &v.external_ref,
@@ -1175,6 +1626,11 @@ async fn upsert_elder_in<C: GenericClient + Sync>(
                 &language,
                 &thresholds,
                 &v.notes,
+                &region_id,
+                &gender,
+                &categories,
+                &v.conditions,
+                &v.medications,
             ],
         )
         .await?;
@@ -1235,15 +1691,54 @@ pub async fn list_elders(
     community: Option<&str>,
     limit: i64,
 ) -> Result<Vec<Elder>, RegistryError> {
+    let filter = ElderFilter {
+        community: community.map(str::to_string),
+        ..Default::default()
+    };
+    find_elders(pool, &filter, limit).await
+}
+
+/// Which elders [`find_elders`] returns; every condition given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct ElderFilter {
+    /// The `community` text, exactly.
+    pub community: Option<String>,
+    /// A region code: elders whose grid lies in that region's subtree (a city, a township,
+    /// a community or a grid). An unknown code is `NotFound`.
+    pub region: Option<String>,
+    pub category: Option<Category>,
+}
+
+/// Elders by id matching a filter.
+pub async fn find_elders(
+    pool: &Pool,
+    filter: &ElderFilter,
+    limit: i64,
+) -> Result<Vec<Elder>, RegistryError> {
     let client = pool.get().await?;
+    let region_path: Option<String> = match &filter.region {
+        None => None,
+        Some(code) => Some(
+            client
+                .query_opt("SELECT path FROM regions WHERE code = $1", &[&code.trim()])
+                .await?
+                .map(|r| r.get(0))
+                .ok_or_else(|| RegistryError::NotFound(format!("region {}", code.trim())))?,
+        ),
+    };
+    let category = filter.category.map(Category::as_str);
     let rows = client
         .query(
             &format!(
                 "SELECT {ELDER_COLUMNS} FROM elders e
-                 WHERE $1::text IS NULL OR e.community = $1
-                 ORDER BY e.id LIMIT $2"
+                 WHERE ($1::text IS NULL OR e.community = $1)
+                   AND ($2::text IS NULL OR EXISTS (
+                        SELECT 1 FROM regions r
+                        WHERE r.id = e.region_id AND left(r.path, length($2)) = $2))
+                   AND ($3::text IS NULL OR $3 = ANY(e.categories))
+                 ORDER BY e.id LIMIT $4"
             ),
-            &[&community, &limit],
+            &[&filter.community, &region_path, &category, &limit],
         )
         .await?;
     Ok(rows.iter().map(elder_from_row).collect())
@@ -1252,11 +1747,33 @@ pub async fn list_elders(
 /// Removes an elder and their contact links; their bracelets stay provisioned, unbound, and
 /// their telemetry stays (it is keyed by device). Returns the removed elder's id.
 pub async fn remove_elder(pool: &Pool, key: &ElderKey) -> Result<i64, RegistryError> {
-    let client = pool.get().await?;
-    let id = resolve_elder(&**client, key).await?;
-    client
-        .execute("DELETE FROM elders WHERE id = $1", &[&id])
+    remove_elder_as(pool, key, "cli").await
+}
+
+/// [`remove_elder`], recording `actor` as who closed the elder's open device bindings.
+pub async fn remove_elder_as(
+    pool: &Pool,
+    key: &ElderKey,
+    actor: &str,
+) -> Result<i64, RegistryError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let id = resolve_elder(&*tx, key).await?;
+    let bound: Vec<String> = tx
+        .query(
+            "SELECT device_id FROM devices WHERE elder_id = $1 ORDER BY device_id",
+            &[&id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for d in &bound {
+        super::devices::unbind_in(&*tx, d, actor).await?;
+    }
+    tx.execute("DELETE FROM elders WHERE id = $1", &[&id])
         .await?;
+    tx.commit().await?;
     Ok(id)
 }
 
@@ -1277,6 +1794,15 @@ pub struct ElderPatch {
     pub language: Option<Language>,
     pub thresholds: Option<Thresholds>,
     pub notes: Option<String>,
+    /// A grid's code; `Some(None)` takes the elder out of any region.
+    pub region: Option<Option<String>>,
+    pub gender: Option<Gender>,
+    /// Replaces the categories (an empty list clears them).
+    pub categories: Option<Vec<Category>>,
+    /// Replaces the conditions (an empty list clears them).
+    pub conditions: Option<Vec<String>>,
+    /// Replaces the medications (an empty list clears them).
+    pub medications: Option<Vec<String>>,
 }
 
 /// Applies a patch in one statement; every field is validated first.
@@ -1294,12 +1820,12 @@ pub async fn update_elder(
         phone: patch.phone.clone(),
         address: patch.address.clone(),
         community: patch.community.clone(),
-        home: None,
         home_radius_m: patch.home_radius_m,
-        wander_risk: None,
-        language: None,
-        thresholds: None,
         notes: patch.notes.clone(),
+        region: patch.region.clone().flatten(),
+        conditions: patch.conditions.clone(),
+        medications: patch.medications.clone(),
+        ..Default::default()
     };
     let v = probe.validated().map_err(RegistryError::invalid_all)?;
     let name = patch.name.as_ref().map(|_| v.name.clone());
@@ -1309,9 +1835,16 @@ pub async fn update_elder(
     let lon = home.map(|h| h.lon_e7);
     let language = patch.language.map(Language::as_str);
     let thresholds = patch.thresholds.as_ref().map(Thresholds::to_json);
+    let set_region = patch.region.is_some();
+    let gender = patch.gender.map(Gender::as_str);
+    let categories = strs(&patch.categories, Category::as_str);
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let id = resolve_elder(&*tx, key).await?;
+    let region_id = match &v.region {
+        Some(code) => Some(resolve_grid(&*tx, code).await?),
+        None => None,
+    };
     tx.execute(
         "UPDATE elders SET
              name = coalesce($2, name),
@@ -1328,6 +1861,11 @@ pub async fn update_elder(
              language = coalesce($14, language),
              thresholds = coalesce($15, thresholds),
              notes = coalesce($16, notes),
+             region_id = CASE WHEN $17 THEN $18 ELSE region_id END,
+             gender = coalesce($19, gender),
+             categories = coalesce($20::text[], categories),
+             conditions = coalesce($21::text[], conditions),
+             medications = coalesce($22::text[], medications),
              updated_at = now()
          WHERE id = $1",
         &[
@@ -1347,6 +1885,12 @@ pub async fn update_elder(
             &language,
             &thresholds,
             &v.notes,
+            &set_region,
+            &region_id,
+            &gender,
+            &categories,
+            &v.conditions,
+            &v.medications,
         ],
     )
     .await
@@ -1427,13 +1971,16 @@ pub struct BindOutcome {
     pub previous_elder: Option<i64>,
 }
 
-/// Binds a bracelet to an elder (its telemetry and events are then theirs). An unknown device
-/// is an error unless `provision` is set: a mistyped IMEI must not silently become a device.
+/// Binds a bracelet to an elder (its telemetry and events are then theirs), moving it from
+/// whoever had it. The change is kept in `device_bindings` with `actor` (who did it: a user
+/// name, `cli`, `import`). An unknown device is an error unless `provision` is set: a
+/// mistyped IMEI must not silently become a device.
 pub async fn bind_device(
     pool: &Pool,
     elder: &ElderKey,
     device_id: &str,
     provision: bool,
+    actor: &str,
 ) -> Result<BindOutcome, RegistryError> {
     let device_id = device_id.trim();
     if !is_valid_device_id(device_id) {
@@ -1445,64 +1992,45 @@ pub async fn bind_device(
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let elder_id = resolve_elder(&*tx, elder).await?;
-    let before = tx
-        .query_opt(
-            "SELECT elder_id FROM devices WHERE device_id = $1 FOR UPDATE",
-            &[&device_id],
-        )
-        .await?;
-    let outcome = match before {
-        Some(row) => {
-            let prev: Option<i64> = row.get(0);
-            tx.execute(
-                "UPDATE devices SET elder_id = $2 WHERE device_id = $1",
-                &[&device_id, &elder_id],
-            )
-            .await?;
-            BindOutcome {
-                elder_id,
-                provisioned: false,
-                previous_elder: prev.filter(|p| *p != elder_id),
-            }
-        }
+    let mut provisioned = false;
+    let rebind = match super::devices::bind_in(&*tx, device_id, elder_id, actor).await? {
+        Some(r) => r,
         None if provision => {
             tx.execute(
-                "INSERT INTO devices (device_id, elder_id) VALUES ($1, $2)
-                 ON CONFLICT (device_id) DO UPDATE SET elder_id = EXCLUDED.elder_id",
-                &[&device_id, &elder_id],
+                "INSERT INTO devices (device_id) VALUES ($1) ON CONFLICT (device_id) DO NOTHING",
+                &[&device_id],
             )
             .await?;
-            BindOutcome {
-                elder_id,
-                provisioned: true,
-                previous_elder: None,
-            }
+            provisioned = true;
+            super::devices::bind_in(&*tx, device_id, elder_id, actor)
+                .await?
+                .ok_or_else(|| RegistryError::NotProvisioned(device_id.to_string()))?
         }
         None => return Err(RegistryError::NotProvisioned(device_id.to_string())),
     };
     tx.commit().await?;
-    Ok(outcome)
+    Ok(BindOutcome {
+        elder_id,
+        provisioned,
+        previous_elder: rebind.previous_elder.filter(|p| *p != elder_id),
+    })
 }
 
-/// Unbinds a bracelet from whoever wore it; returns that elder's id, if any.
-pub async fn unbind_device(pool: &Pool, device_id: &str) -> Result<Option<i64>, RegistryError> {
-    let client = pool.get().await?;
-    let row = client
-        .query_opt(
-            "UPDATE devices d SET elder_id = NULL
-             FROM (SELECT device_id, elder_id FROM devices WHERE device_id = $1 FOR UPDATE) old
-             WHERE d.device_id = old.device_id
-             RETURNING old.elder_id",
-            &[&device_id.trim()],
-        )
-        .await?;
-    match row {
-        Some(r) => Ok(r.get(0)),
-        None => Err(RegistryError::NotFound(format!(
-            "device {}",
-            device_id.trim()
-        ))),
-    }
+/// Unbinds a bracelet from whoever wore it, recording `actor`; returns that elder's id, if
+/// any. `NotFound` for a device that is not provisioned.
+pub async fn unbind_device(
+    pool: &Pool,
+    device_id: &str,
+    actor: &str,
+) -> Result<Option<i64>, RegistryError> {
+    let device_id = device_id.trim();
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let previous = super::devices::unbind_in(&*tx, device_id, actor)
+        .await?
+        .ok_or_else(|| RegistryError::NotFound(format!("device {device_id}")))?;
+    tx.commit().await?;
+    Ok(previous)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2052,36 +2580,45 @@ pub fn read_import_file(
             format!("{shown}: cannot tell the format from the extension; use .csv or .toml (or --format)"),
         )
     })?;
-    let bytes = std::fs::read(path).map_err(|source| RegistryError::Read {
-        path: shown.clone(),
-        source,
-    })?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let offset = e.utf8_error().valid_up_to();
-        let line = e.as_bytes()[..offset].iter().filter(|b| **b == b'\n').count() + 1;
-        RegistryError::Import {
-            path: shown.clone(),
-            problems: vec![ImportProblem {
-                line,
-                field: "file".into(),
-                message: "is not UTF-8 (Excel: save as \"CSV UTF-8\"; or convert with iconv -f GBK -t UTF-8)".into(),
-            }],
-        }
-    })?;
+    let text = read_office_file(path)?;
     parse_import(&text, format).map_err(|problems| RegistryError::Import {
         path: shown,
         problems,
     })
 }
 
-/// Parses and validates import text (UTF-8, with or without BOM). All problems are returned.
+/// Reads a file and decodes it as [`decode_office_text`] does (UTF-8 with or without BOM,
+/// UTF-16 with BOM, GBK / GB18030).
+pub fn read_office_file(path: &Path) -> Result<String, RegistryError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| RegistryError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    decode_office_text(&bytes)
+        .map(|d| d.text)
+        .map_err(|p| RegistryError::Import {
+            path: shown,
+            problems: vec![p],
+        })
+}
+
+/// Parses and validates import text (already decoded; a BOM is ignored). All problems are
+/// returned, each with its line and field (for CSV, the column as the file names it).
 pub fn parse_import(text: &str, format: ImportFormat) -> Result<ImportPlan, Vec<ImportProblem>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let raw = match format {
+    let (raw, shown) = match format {
         ImportFormat::Csv => parse_csv(text)?,
-        ImportFormat::Toml => parse_toml(text)?,
+        ImportFormat::Toml => (parse_toml(text)?, HashMap::new()),
     };
-    plan_import(raw)
+    plan_import(raw).map_err(|mut problems| {
+        for p in &mut problems {
+            if let Some(s) = shown.get(&p.field) {
+                p.field = s.clone();
+            }
+        }
+        problems
+    })
 }
 
 /// Reads an import file and writes it in one transaction (rolled back for a dry run).
@@ -2131,7 +2668,7 @@ struct RawContact {
     cells: BTreeMap<&'static str, Cell>,
 }
 
-const ELDER_FIELDS: [&str; 13] = [
+const ELDER_FIELDS: [&str; 18] = [
     "ref",
     "name",
     "id_number",
@@ -2145,6 +2682,35 @@ const ELDER_FIELDS: [&str; 13] = [
     "wander_risk",
     "language",
     "notes",
+    "gender",
+    "region",
+    "categories",
+    "conditions",
+    "medications",
+];
+
+/// Elder fields holding lists (`;`, `；` or `、` between items in CSV; arrays in TOML).
+const LIST_FIELDS: [&str; 3] = ["categories", "conditions", "medications"];
+
+/// Fields that are codes, numbers, dates or flags: full-width characters are folded to
+/// ASCII before parsing. Free text (names, addresses, notes, conditions) is only trimmed.
+const STRUCTURED_FIELDS: [&str; 16] = [
+    "ref",
+    "id_number",
+    "birth_date",
+    "phone",
+    "home_lat",
+    "home_lon",
+    "radius_m",
+    "wander_risk",
+    "language",
+    "gender",
+    "region",
+    "categories",
+    "email",
+    "im_webhook",
+    "role",
+    "priority",
 ];
 
 const CONTACT_FIELDS: [&str; 6] = ["ref", "name", "phone", "email", "language", "im_webhook"];
@@ -2155,6 +2721,15 @@ fn elder_field(name: &str) -> Option<&'static str> {
 
 fn contact_field(name: &str) -> Option<&'static str> {
     CONTACT_FIELDS.into_iter().find(|f| *f == name)
+}
+
+/// A cell's text as the validators want it: structured fields folded to half-width.
+fn normalized(field: &str, text: &str) -> String {
+    if STRUCTURED_FIELDS.contains(&field) {
+        clean_text(&to_half_width(text))
+    } else {
+        clean_text(text)
+    }
 }
 
 /// Maps byte offsets to 1-based line numbers.
@@ -2172,7 +2747,11 @@ impl LineIndex {
     }
 }
 
-fn problem(line: usize, field: impl Into<String>, message: impl Into<String>) -> ImportProblem {
+pub(crate) fn problem(
+    line: usize,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> ImportProblem {
     ImportProblem {
         line,
         field: field.into(),
@@ -2180,7 +2759,244 @@ fn problem(line: usize, field: impl Into<String>, message: impl Into<String>) ->
     }
 }
 
-// --- CSV ------------------------------------------------------------------------------
+// --- CSV as offices write it -------------------------------------------------------------
+
+/// A CSV file as rows of trimmed cells, with the header found.
+#[derive(Debug, Clone)]
+pub(crate) struct CsvTable {
+    pub header_line: usize,
+    /// Normalized header names ([`normalize_header`]); empty for an unnamed column.
+    pub headers: Vec<String>,
+    /// The header cells as written (trimmed), for messages.
+    pub raw_headers: Vec<String>,
+    /// Data rows after the header; blank rows and `#` comment rows are left out.
+    pub rows: Vec<CsvRow>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CsvRow {
+    pub line: usize,
+    pub cells: Vec<String>,
+}
+
+/// A header cell normalized for matching: full-width folded, lower case, inner spaces and
+/// dashes as `_`, a trailing `*` (required-column marker) and a trailing bracketed note
+/// (`出生日期(年-月-日)`) dropped.
+pub(crate) fn normalize_header(h: &str) -> String {
+    let mut s = to_half_width(h).trim().to_lowercase();
+    loop {
+        let before = s.len();
+        s = s.trim_end_matches('*').trim().to_string();
+        if s.ends_with(')') {
+            if let Some(open) = s.rfind('(') {
+                if open > 0 {
+                    s.truncate(open);
+                    s = s.trim().to_string();
+                }
+            }
+        }
+        if s.len() == before {
+            break;
+        }
+    }
+    s.split_whitespace()
+        .collect::<Vec<_>>()
+        .join("_")
+        .replace('-', "_")
+}
+
+/// Reads CSV text into rows. The header is the first row unless that row is a title (one
+/// filled cell) above a row that names at least two known columns (`known` is asked with
+/// normalized names): ledgers often carry a title line such as "东坡路社区独居老人台账".
+/// Unnamed columns are ignored when empty throughout (Excel's trailing commas) and
+/// reported when they hold data.
+pub(crate) fn read_csv_table(
+    text: &str,
+    known: impl Fn(&str) -> bool,
+) -> Result<CsvTable, Vec<ImportProblem>> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // The csv crate numbers lines wrongly after a CRLF (Windows, Excel): count on LF only.
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .comment(Some(b'#'))
+        .from_reader(text.as_bytes());
+    let mut problems = Vec::new();
+    let mut rows = Vec::new();
+    for result in rdr.records() {
+        match result {
+            Ok(record) => {
+                let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
+                let cells: Vec<String> = record.iter().map(clean_text).collect();
+                if cells.iter().all(String::is_empty) {
+                    continue;
+                }
+                rows.push(CsvRow { line, cells });
+            }
+            Err(e) => {
+                let line = e.position().map(|p| p.line() as usize).unwrap_or(0);
+                problems.push(problem(line, "row", e.to_string()));
+            }
+        }
+    }
+    if rows.is_empty() {
+        problems.push(problem(
+            1,
+            "header",
+            "the file has no header row (and no data)",
+        ));
+        return Err(problems);
+    }
+    let known_count = |r: &CsvRow| {
+        r.cells
+            .iter()
+            .filter(|c| !c.is_empty() && known(&normalize_header(c)))
+            .count()
+    };
+    let filled = |r: &CsvRow| r.cells.iter().filter(|c| !c.is_empty()).count();
+    let mut header_at = 0;
+    if known_count(&rows[0]) < 2 {
+        for (i, r) in rows.iter().enumerate().take(6).skip(1) {
+            if filled(&rows[i - 1]) > 1 {
+                break;
+            }
+            if known_count(r) >= 2 {
+                header_at = i;
+                break;
+            }
+        }
+    }
+    let mut rows = rows.split_off(header_at);
+    let header = rows.remove(0);
+    let raw_headers = header.cells.clone();
+    let headers: Vec<String> = raw_headers.iter().map(|h| normalize_header(h)).collect();
+    for (i, h) in headers.iter().enumerate() {
+        if h.is_empty() {
+            if let Some(r) = rows
+                .iter()
+                .find(|r| r.cells.get(i).is_some_and(|c| !c.is_empty()))
+            {
+                problems.push(problem(
+                    r.line,
+                    format!("column {}", i + 1),
+                    "holds data but has no name in the header",
+                ));
+            }
+        }
+    }
+    for r in &rows {
+        if r.cells.len() > headers.len()
+            && r.cells.iter().skip(headers.len()).any(|c| !c.is_empty())
+        {
+            problems.push(problem(
+                r.line,
+                "row",
+                format!(
+                    "has {} cells but the header has {} columns (a comma inside a cell needs quotes)",
+                    r.cells.len(),
+                    headers.len()
+                ),
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(CsvTable {
+            header_line: header.line,
+            headers,
+            raw_headers,
+            rows,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+/// The English field of a Chinese (or alternative English) elder column name.
+fn elder_alias(h: &str) -> Option<&'static str> {
+    Some(match h {
+        "编号" | "老人编号" | "档案编号" | "档案号" | "台账编号" | "elder_ref" => {
+            "ref"
+        }
+        "姓名" | "老人姓名" => "name",
+        "身份证号" | "身份证号码" | "身份证" | "公民身份号码" => "id_number",
+        "出生日期" | "出生年月日" | "生日" | "birthday" | "dob" => "birth_date",
+        "性别" | "sex" => "gender",
+        "电话" | "联系电话" | "手机" | "手机号" | "手机号码" | "本人电话" | "老人电话" => {
+            "phone"
+        }
+        "住址" | "地址" | "家庭住址" | "居住地址" | "现住址" => "address",
+        "社区" | "所属社区" | "村/社区" | "社区/村" | "村" => "community",
+        "网格" | "所属网格" | "网格编码" | "网格编号" | "网格代码" | "grid" | "region_code" => {
+            "region"
+        }
+        "类别" | "人员类别" | "老人类别" | "类型" | "老人类型" | "category" => {
+            "categories"
+        }
+        "疾病" | "慢性病" | "健康状况" | "病史" | "既往病史" | "condition" => {
+            "conditions"
+        }
+        "用药" | "药物" | "常用药" | "用药情况" | "medication" => "medications",
+        "纬度" | "lat" => "home_lat",
+        "经度" | "lon" | "lng" => "home_lon",
+        "围栏半径" | "半径" => "radius_m",
+        "走失风险" | "防走失" => "wander_risk",
+        "语言" => "language",
+        "设备" | "手环" | "设备号" | "设备编号" | "手环编号" | "手环imei" | "设备imei" | "imei" => {
+            "devices"
+        }
+        "备注" => "notes",
+        "阈值" => "thresholds",
+        _ => return None,
+    })
+}
+
+/// The English column of a Chinese contact column: `<role><field>`, e.g. 网格员电话 →
+/// `grid_worker_phone`, 监护人2姓名 → `guardian2_name`; a bare role (网格员) is its name.
+fn contact_alias(h: &str) -> Option<String> {
+    const ROLES: [(&str, &str); 9] = [
+        ("备用网格员", "backup_grid_worker"),
+        ("后备网格员", "backup_grid_worker"),
+        ("网格员", "grid_worker"),
+        ("监护人", "guardian"),
+        ("社区负责人", "community_supervisor"),
+        ("社区主任", "community_supervisor"),
+        ("乡镇负责人", "township_supervisor"),
+        ("街道负责人", "township_supervisor"),
+        ("乡镇街道负责人", "township_supervisor"),
+    ];
+    let (rest, role) = ROLES
+        .iter()
+        .find_map(|(zh, en)| h.strip_prefix(zh).map(|rest| (rest, *en)))?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let rest = rest[digits.len()..].trim_start_matches('_');
+    let prefix = match (role, digits.as_str()) {
+        ("guardian", "") => "guardian1".to_string(),
+        ("guardian", n) => format!("guardian{n}"),
+        (_, "") => role.to_string(),
+        _ => return None,
+    };
+    let field = match rest {
+        "" | "姓名" | "name" => "name",
+        "电话" | "手机" | "联系电话" | "手机号" | "phone" => "phone",
+        "邮箱" | "电子邮箱" | "email" => "email",
+        "语言" | "language" => "language",
+        "编号" | "ref" => "ref",
+        _ => return None,
+    };
+    Some(format!("{prefix}_{field}"))
+}
+
+/// The canonical (English) column name for a normalized header, when there is one.
+fn canonical_elder_header(h: &str) -> Option<String> {
+    if csv_column(h).is_some() {
+        return Some(h.to_string());
+    }
+    if let Some(f) = elder_alias(h) {
+        return Some(f.to_string());
+    }
+    contact_alias(h).filter(|c| csv_column(c).is_some())
+}
 
 enum CsvColumn {
     Elder(&'static str),
@@ -2231,47 +3047,108 @@ fn csv_column(header: &str) -> Option<CsvColumn> {
     })
 }
 
-fn parse_csv(text: &str) -> Result<Vec<RawElder>, Vec<ImportProblem>> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .flexible(true)
-        .comment(Some(b'#'))
-        .from_reader(text.as_bytes());
-    let headers = rdr
-        .headers()
-        .map_err(|e| vec![problem(1, "header", e.to_string())])?
-        .clone();
-    let header_line = headers.position().map(|p| p.line() as usize).unwrap_or(1);
+/// Which kind of records a CSV holds, told from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CsvKind {
+    Elders,
+    Regions,
+    Devices,
+}
+
+impl FromStr for CsvKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "elders" | "elder" => Ok(CsvKind::Elders),
+            "regions" | "region" => Ok(CsvKind::Regions),
+            "devices" | "device" => Ok(CsvKind::Devices),
+            other => Err(format!(
+                "unknown kind {other:?}: use elders, regions or devices"
+            )),
+        }
+    }
+}
+
+/// Tells a regions file (code, level, parent_code) and a devices file (device_id / imei
+/// without a name) from an elders ledger, by the header.
+pub fn detect_csv_kind(text: &str) -> CsvKind {
+    let known = |h: &str| {
+        canonical_elder_header(h).is_some()
+            || super::regions::region_column(h).is_some()
+            || super::devices::device_column(h).is_some()
+    };
+    let headers: Vec<String> = match read_csv_table(text, known) {
+        Ok(t) => t.headers,
+        // A file with bad rows still has a header: the first line that is not blank.
+        Err(_) => text
+            .trim_start_matches('\u{feff}')
+            .lines()
+            .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| l.split(',').map(normalize_header).collect())
+            .unwrap_or_default(),
+    };
+    let region_col = |name: &str| {
+        headers
+            .iter()
+            .any(|h| super::regions::region_column(h) == Some(name))
+    };
+    if region_col("level") && region_col("code") {
+        return CsvKind::Regions;
+    }
+    let elder_name = headers
+        .iter()
+        .any(|h| canonical_elder_header(h).as_deref() == Some("name"));
+    let device_id = headers.iter().any(|h| {
+        matches!(
+            super::devices::device_column(h),
+            Some("device_id") | Some("imei")
+        )
+    });
+    if device_id && !elder_name {
+        return CsvKind::Devices;
+    }
+    CsvKind::Elders
+}
+
+/// Parses an elders CSV. Also returns, for problem messages, each canonical column name
+/// mapped to the header as written when they differ (出生日期 for `birth_date`).
+/// Rows of an elders CSV, and the header as written for each canonical column name.
+type ParsedCsv = (Vec<RawElder>, HashMap<String, String>);
+
+fn parse_csv(text: &str) -> Result<ParsedCsv, Vec<ImportProblem>> {
+    let table = read_csv_table(text, |h| canonical_elder_header(h).is_some())?;
+    let header_line = table.header_line;
     let mut problems = Vec::new();
-    let mut columns = Vec::with_capacity(headers.len());
+    let mut columns = Vec::with_capacity(table.headers.len());
     let mut seen: HashMap<String, usize> = HashMap::new();
-    for (i, h) in headers.iter().enumerate() {
-        let h = h.trim_start_matches('\u{feff}').trim().to_ascii_lowercase();
+    let mut shown: HashMap<String, String> = HashMap::new();
+    for (i, h) in table.headers.iter().enumerate() {
         if h.is_empty() {
+            columns.push(None); // empty throughout, or read_csv_table reported it
+            continue;
+        }
+        let raw = &table.raw_headers[i];
+        let Some(canonical) = canonical_elder_header(h) else {
             problems.push(problem(
                 header_line,
-                format!("column {}", i + 1),
-                "has no name",
+                raw.clone(),
+                "unknown column (see docs/registry.md for the columns)",
             ));
             columns.push(None);
             continue;
-        }
-        if let Some(first) = seen.insert(h.clone(), i + 1) {
+        };
+        if let Some(first) = seen.insert(canonical.clone(), i + 1) {
             problems.push(problem(
                 header_line,
-                h.clone(),
+                canonical.clone(),
                 format!("column appears twice (columns {first} and {})", i + 1),
             ));
         }
-        let col = csv_column(&h);
-        if col.is_none() {
-            problems.push(problem(
-                header_line,
-                h.clone(),
-                "unknown column (see docs/registry.md for the columns)",
-            ));
+        if *raw != canonical {
+            shown.insert(canonical.clone(), format!("{raw} ({canonical})"));
         }
-        columns.push(col);
+        columns.push(csv_column(&canonical));
     }
     for required in ["ref", "name"] {
         if !seen.contains_key(required) {
@@ -2283,37 +3160,13 @@ fn parse_csv(text: &str) -> Result<Vec<RawElder>, Vec<ImportProblem>> {
         return Err(problems);
     }
     let mut out = Vec::new();
-    for result in rdr.records() {
-        let record = match result {
-            Ok(r) => r,
-            Err(e) => {
-                let line = e.position().map(|p| p.line() as usize).unwrap_or(0);
-                problems.push(problem(line, "row", e.to_string()));
-                continue;
-            }
-        };
-        let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
-        if record.iter().all(str::is_empty) {
-            continue;
-        }
-        if record.len() > columns.len() && record.iter().skip(columns.len()).any(|c| !c.is_empty())
-        {
-            problems.push(problem(
-                line,
-                "row",
-                format!(
-                    "has {} cells but the header has {} columns (a comma inside a cell needs quotes)",
-                    record.len(),
-                    columns.len()
-                ),
-            ));
-            continue;
-        }
+    for record in &table.rows {
+        let line = record.line;
         let mut elder = RawElder {
             line,
             ..Default::default()
         };
-        for (col, cell) in columns.iter().zip(record.iter()) {
+        for (col, cell) in columns.iter().zip(record.cells.iter()) {
             if cell.is_empty() {
                 continue;
             }
@@ -2330,14 +3183,13 @@ fn parse_csv(text: &str) -> Result<Vec<RawElder>, Vec<ImportProblem>> {
                     elder.thresholds = Some((RawJson::Text(cell.to_string()), line));
                 }
                 Some(CsvColumn::Devices) => {
+                    // Ids never contain separators, so commas and line breaks (Alt+Enter
+                    // in Excel) work as well as semicolons.
                     elder.devices.extend(
-                        cell.split([';', '；'])
-                            .map(str::trim)
+                        cell.split([';', '；', '、', ',', '，', '\n', '/'])
+                            .map(|d| clean_text(&to_half_width(d)))
                             .filter(|d| !d.is_empty())
-                            .map(|d| Cell {
-                                text: d.to_string(),
-                                line,
-                            }),
+                            .map(|d| Cell { text: d, line }),
                     );
                 }
                 Some(CsvColumn::Contact {
@@ -2366,7 +3218,7 @@ fn parse_csv(text: &str) -> Result<Vec<RawElder>, Vec<ImportProblem>> {
         out.push(elder);
     }
     if problems.is_empty() {
-        Ok(out)
+        Ok((out, shown))
     } else {
         Err(problems)
     }
@@ -2498,6 +3350,38 @@ fn parse_toml(text: &str) -> Result<Vec<RawElder>, Vec<ImportProblem>> {
                         elder.thresholds = Some((raw, vline));
                     }
                     other => match elder_field(other) {
+                        Some(f) if LIST_FIELDS.contains(&f) => match v.get_ref() {
+                            DeValue::Array(arr) => {
+                                let items: Option<Vec<String>> =
+                                    arr.iter().map(|x| scalar_text(x.get_ref())).collect();
+                                match items {
+                                    Some(items) => {
+                                        elder.cells.insert(
+                                            f,
+                                            Cell {
+                                                text: items.join(";"),
+                                                line: vline,
+                                            },
+                                        );
+                                    }
+                                    None => problems.push(problem(
+                                        vline,
+                                        other,
+                                        "must be a list of strings",
+                                    )),
+                                }
+                            }
+                            other_value => match scalar_text(other_value) {
+                                Some(text) => {
+                                    elder.cells.insert(f, Cell { text, line: vline });
+                                }
+                                None => problems.push(problem(
+                                    vline,
+                                    other,
+                                    "must be a list of strings",
+                                )),
+                            },
+                        },
                         Some(f) => match scalar_text(v.get_ref()) {
                             Some(text) => {
                                 elder.cells.insert(f, Cell { text, line: vline });
@@ -2576,7 +3460,12 @@ fn plan_import(raw: Vec<RawElder>) -> Result<ImportPlan, Vec<ImportProblem>> {
         let mut p = |line: usize, field: &str, message: String| {
             problems.push(problem(line, field, message))
         };
-        let text = |f: &str| r.cells.get(f).map(|c| c.text.clone());
+        let text = |f: &str| {
+            r.cells
+                .get(f)
+                .map(|c| normalized(f, &c.text))
+                .filter(|t| !t.is_empty())
+        };
         let line_of = |f: &str| r.cells.get(f).map(|c| c.line).unwrap_or(r.line);
 
         let external_ref = text("ref");
@@ -2694,6 +3583,32 @@ fn plan_import(raw: Vec<RawElder>) -> Result<ImportPlan, Vec<ImportProblem>> {
                 }
             }
         };
+        let gender = match text("gender").map(|t| t.parse::<Gender>()) {
+            Some(Ok(g)) => Some(g),
+            Some(Err(m)) => {
+                ok("gender", Err(m), &mut p);
+                None
+            }
+            None => None,
+        };
+        let categories = match text("categories").map(|t| parse_categories(&t)) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(m)) => {
+                ok("categories", Err(m), &mut p);
+                None
+            }
+            None => None,
+        };
+        let mut list = |f: &str| match text(f).map(|t| parse_text_list(&t)) {
+            Some(Ok(v)) => Some(v),
+            Some(Err(m)) => {
+                ok(f, Err(m), &mut p);
+                None
+            }
+            None => None,
+        };
+        let conditions = list("conditions");
+        let medications = list("medications");
         let elder = NewElder {
             external_ref: external_ref.clone(),
             name: text("name").unwrap_or_default(),
@@ -2708,6 +3623,11 @@ fn plan_import(raw: Vec<RawElder>) -> Result<ImportPlan, Vec<ImportProblem>> {
             language,
             thresholds,
             notes: text("notes"),
+            region: text("region"),
+            gender,
+            categories,
+            conditions,
+            medications,
         };
         let elder = match elder.validated() {
             Ok(e) => e,
@@ -2726,27 +3646,28 @@ fn plan_import(raw: Vec<RawElder>) -> Result<ImportPlan, Vec<ImportProblem>> {
             .unwrap_or_else(|| format!("line {}", r.line));
         let mut devices = Vec::new();
         for d in &r.devices {
-            if !is_valid_device_id(&d.text) {
+            let id = clean_text(&to_half_width(&d.text));
+            if !is_valid_device_id(&id) {
                 p(
                     d.line,
                     "devices",
                     format!(
                         "{:?} is not a device id: use 1 to 64 of A-Z a-z 0-9 _ -",
-                        d.text
+                        id
                     ),
                 );
                 continue;
             }
-            match device_owner.get(&d.text) {
+            match device_owner.get(&id) {
                 Some((owner, first)) if *owner != who => p(
                     d.line,
                     "devices",
-                    format!("{} is also given to {owner} on line {first}", d.text),
+                    format!("{} is also given to {owner} on line {first}", id),
                 ),
                 Some(_) => {}
                 None => {
-                    device_owner.insert(d.text.clone(), (who.clone(), d.line));
-                    devices.push(d.text.clone());
+                    device_owner.insert(id.clone(), (who.clone(), d.line));
+                    devices.push(id.clone());
                 }
             }
         }
@@ -2779,7 +3700,11 @@ fn plan_import(raw: Vec<RawElder>) -> Result<ImportPlan, Vec<ImportProblem>> {
                     }
                 },
             };
-            let language = match c.cells.get("language").map(|x| x.text.parse::<Language>()) {
+            let language = match c
+                .cells
+                .get("language")
+                .map(|x| normalized("language", &x.text).parse::<Language>())
+            {
                 Some(Ok(l)) => Some(l),
                 Some(Err(m)) => {
                     p(cline("language"), &field("language"), m);
@@ -2787,17 +3712,14 @@ fn plan_import(raw: Vec<RawElder>) -> Result<ImportPlan, Vec<ImportProblem>> {
                 }
                 None => None,
             };
+            let ctext = |f: &str| c.cells.get(f).map(|x| normalized(f, &x.text));
             let contact = NewContact {
-                external_ref: c.cells.get("ref").map(|x| x.text.clone()),
-                name: c
-                    .cells
-                    .get("name")
-                    .map(|x| x.text.clone())
-                    .unwrap_or_default(),
-                phone: c.cells.get("phone").map(|x| x.text.clone()),
-                email: c.cells.get("email").map(|x| x.text.clone()),
+                external_ref: ctext("ref"),
+                name: ctext("name").unwrap_or_default(),
+                phone: ctext("phone"),
+                email: ctext("email"),
                 language,
-                im_webhook: c.cells.get("im_webhook").map(|x| x.text.clone()),
+                im_webhook: ctext("im_webhook"),
             };
             let contact = match contact.validated() {
                 Ok(v) => v,
@@ -2938,6 +3860,18 @@ pub async fn apply_import(
     source: &str,
     dry_run: bool,
 ) -> Result<ImportSummary, RegistryError> {
+    apply_import_as(pool, plan, source, dry_run, "import").await
+}
+
+/// [`apply_import`], recording `actor` (who imports: a user name, `cli`) on the device
+/// bindings it makes.
+pub async fn apply_import_as(
+    pool: &Pool,
+    plan: &ImportPlan,
+    source: &str,
+    dry_run: bool,
+    actor: &str,
+) -> Result<ImportSummary, RegistryError> {
     let mut summary = ImportSummary {
         dry_run,
         ..Default::default()
@@ -2975,18 +3909,16 @@ pub async fn apply_import(
              WHERE elder_contacts.priority <> EXCLUDED.priority",
         )
         .await?;
-    let device_upsert = tx
-        .prepare(
-            "INSERT INTO devices (device_id, elder_id) VALUES ($1, $2)
-             ON CONFLICT (device_id) DO UPDATE SET elder_id = EXCLUDED.elder_id
-             WHERE devices.elder_id IS DISTINCT FROM EXCLUDED.elder_id
-             RETURNING (xmax = 0)",
-        )
-        .await?;
     for pe in &plan.elders {
-        let up = upsert_elder_in(&*tx, &pe.elder)
-            .await
-            .map_err(|e| db_at(e, source, pe.line))?;
+        let up = match upsert_elder_in(&*tx, &pe.elder).await {
+            Ok(up) => up,
+            // A region code that is not a grid (or not there): only the database can tell.
+            Err(RegistryError::Invalid { field, message }) => {
+                conflicts.push(problem(pe.line, field, message));
+                continue;
+            }
+            Err(e) => return Err(db_at(e, source, pe.line)),
+        };
         if up.created {
             summary.elders_created += 1;
         } else if up.changed {
@@ -3030,14 +3962,15 @@ pub async fn apply_import(
             }
         }
         for d in &pe.devices {
-            let row = tx
-                .query_opt(&device_upsert, &[d, &up.id])
+            let (provisioned, bound) = super::devices::ensure_bound(&*tx, d, up.id, actor)
                 .await
                 .map_err(|e| db_at(e.into(), source, pe.line))?;
-            match row.map(|r| r.get::<_, bool>(0)) {
-                Some(true) => summary.devices_provisioned += 1,
-                Some(false) => summary.devices_bound += 1,
-                None => summary.devices_unchanged += 1,
+            if provisioned {
+                summary.devices_provisioned += 1;
+            } else if bound {
+                summary.devices_bound += 1;
+            } else {
+                summary.devices_unchanged += 1;
             }
         }
         if pe.links.iter().all(|l| l.role != Role::GridWorker) {
@@ -3116,6 +4049,107 @@ mod tests {
         assert!(parse_birth_date("2999-01-01").is_err());
         assert_eq!("zh_cn".parse::<Language>().unwrap(), Language::ZhCn);
         assert!("fr".parse::<Language>().is_err());
+    }
+
+    #[test]
+    fn office_dates_widths_and_lists() {
+        let d = |s: &str| parse_office_date(s).map(|d| d.to_string());
+        for s in [
+            "1945-03-02",
+            "1945/3/2",
+            "1945.3.2",
+            "1945年3月2日",
+            "19450302",
+            "１９４５／３／２",
+            " 1945-03-02 00:00:00 ",
+            "1945/3/2 0:00",
+        ] {
+            assert_eq!(d(s).as_deref(), Some("1945-03-02"), "{s}");
+        }
+        for s in [
+            "1945-13-02",
+            "45/3/2",
+            "1945/3/2 10:30",
+            "1945032",
+            "March 2 1945",
+            "",
+        ] {
+            assert_eq!(d(s), None, "{s}");
+        }
+        assert_eq!(to_half_width("１３８－０００　Ａ，"), "138-000 A,");
+        assert_eq!(clean_text("\u{3000} 张三\u{200B} "), "张三");
+        assert_eq!(
+            split_list("高血压、糖尿病；; 冠心病 ;"),
+            ["高血压", "糖尿病", "冠心病"]
+        );
+        assert_eq!(
+            parse_categories("独居老人、特困供养人员,empty-nest；独居").unwrap(),
+            [
+                Category::LivingAlone,
+                Category::EmptyNest,
+                Category::SpecialHardship
+            ]
+        );
+        assert!(parse_categories("孤寡").unwrap_err().contains("孤寡"));
+        assert_eq!(parse_categories("").unwrap(), []);
+        assert_eq!("女".parse::<Gender>().unwrap(), Gender::Female);
+        assert_eq!("M".parse::<Gender>().unwrap(), Gender::Male);
+        assert!(parse_text_list(&"长".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn office_encodings() {
+        let text = "编号,姓名\nA1,张三\n";
+        let (gbk, _, _) = encoding_rs::GBK.encode(text);
+        let d = decode_office_text(&gbk).unwrap();
+        assert_eq!((d.text.as_str(), d.encoding), (text, "GB18030"));
+        let mut bom = b"\xEF\xBB\xBF".to_vec();
+        bom.extend_from_slice(text.as_bytes());
+        assert_eq!(decode_office_text(&bom).unwrap().text, text);
+        let mut utf16 = vec![0xFF, 0xFE];
+        for u in text.encode_utf16() {
+            utf16.extend_from_slice(&u.to_le_bytes());
+        }
+        assert_eq!(decode_office_text(&utf16).unwrap().encoding, "UTF-16LE");
+        assert!(decode_office_text(b"PK\x03\x04rest")
+            .unwrap_err()
+            .message
+            .contains("xlsx"));
+        let bad = decode_office_text(b"ok\nline two \xFF\xFF\xFF").unwrap_err();
+        assert_eq!(bad.line, 2);
+    }
+
+    #[test]
+    fn chinese_headers_and_a_title_row() {
+        let text = "东坡路社区独居老人台账,,,\n\
+                    编号,姓名*,出生日期(年/月/日),网格员,网格员电话,监护人2姓名,监护人2电话,所属网格,,\n\
+                    A1,张三,1940年1月2日,王芳,13800000001,张小,13900000001,G-1,,\n";
+        let plan = parse_import(text, ImportFormat::Csv).unwrap();
+        let e = &plan.elders[0];
+        assert_eq!(e.line, 3);
+        assert_eq!(e.elder.region.as_deref(), Some("G-1"));
+        assert_eq!(
+            e.elder.birth_date.map(|d| d.to_string()).as_deref(),
+            Some("1940-01-02")
+        );
+        assert_eq!(e.links.len(), 2);
+        assert_eq!(e.links[1].priority, 2);
+        // A contact column needs its name; problems name the column as written.
+        let text = "编号,姓名,性别\nA1,张三,X\n";
+        let p = parse_import(text, ImportFormat::Csv).unwrap_err();
+        assert_eq!(
+            p[0].to_string(),
+            "line 2, 性别 (gender): unknown gender \"x\": use female or male (女/男)"
+        );
+        assert_eq!(
+            detect_csv_kind("编码,名称,级别,上级编码\n"),
+            CsvKind::Regions
+        );
+        assert_eq!(
+            detect_csv_kind("IMEI,型号\n861234567890123,X\n"),
+            CsvKind::Devices
+        );
+        assert_eq!(detect_csv_kind("编号,姓名,手环IMEI\n"), CsvKind::Elders);
     }
 
     #[test]

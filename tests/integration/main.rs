@@ -3,7 +3,13 @@
 //! nothing behind. Requires `SILVERGUARD_TEST_PG_BASE` (set by scripts/test.sh).
 
 mod alerts;
+mod api;
+mod backup;
+mod care;
+mod console;
+mod credentials;
 mod helpers;
 mod ingest;
 mod notify_channels;
 mod registry;
+mod storage;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::Output;
 
 use silverguard::config::{Secret, Settings};
+use silverguard::store::devices;
+use silverguard::store::regions::{self, Level};
 use silverguard::store::registry::{self, ContactKey, ElderKey, NewContact, NewElder, Role};
 
 use crate::helpers::*;
@@ -826,4 +828,684 @@ async fn registry_who_answers_orders_by_priority() {
         .await
         .expect("who answers in tx");
     assert_eq!(in_tx, who);
+}
+
+fn fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/registry")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[tokio::test]
+async fn registry_regions_by_cli_and_import() {
+    let db = TestDb::new().await;
+    let pool = migrated_pool(&db).await;
+    // The tree by hand: city -> street -> community -> grid.
+    ok(
+        &db,
+        &[
+            "region",
+            "add",
+            "--code",
+            "HZ",
+            "--name",
+            "杭州市",
+            "--level",
+            "市",
+        ],
+    )
+    .await;
+    ok(
+        &db,
+        &[
+            "region",
+            "add",
+            "--code",
+            "HZ-HB",
+            "--name",
+            "湖滨街道",
+            "--level",
+            "township",
+            "--parent",
+            "HZ",
+        ],
+    )
+    .await;
+    ok(
+        &db,
+        &[
+            "region",
+            "add",
+            "--code",
+            "HZ-HB-DPL",
+            "--name",
+            "东坡路社区",
+            "--level",
+            "社区",
+            "--parent",
+            "HZ-HB",
+        ],
+    )
+    .await;
+    let grid = id_of(
+        &ok(
+            &db,
+            &[
+                "region",
+                "add",
+                "--code",
+                "HZ-HB-DPL-01",
+                "--name",
+                "第一网格",
+                "--level",
+                "grid",
+                "--parent",
+                "HZ-HB-DPL",
+            ],
+        )
+        .await,
+    );
+    // Levels must fit, codes are unique, regions do not move.
+    let err = fails(
+        &db,
+        &[
+            "region",
+            "add",
+            "--code",
+            "G2",
+            "--name",
+            "网格二",
+            "--level",
+            "grid",
+            "--parent",
+            "HZ-HB",
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("HZ-HB is a township: a grid sits under a community"),
+        "{err}"
+    );
+    let err = fails(
+        &db,
+        &[
+            "region",
+            "add",
+            "--code",
+            "T2",
+            "--name",
+            "某街道",
+            "--level",
+            "township",
+        ],
+    )
+    .await;
+    assert!(err.contains("parent_code"), "{err}");
+    let err = fails(
+        &db,
+        &[
+            "region",
+            "add",
+            "--code",
+            "HZ-HB-DPL-01",
+            "--name",
+            "第一网格",
+            "--level",
+            "grid",
+            "--parent",
+            "HZ-HB-DPL-X",
+        ],
+    )
+    .await;
+    assert!(err.contains("no region has code"), "{err}");
+    // Adding again renames (same place) and keeps the id.
+    let again = sg(
+        &db,
+        &[
+            "region",
+            "add",
+            "--code",
+            "HZ-HB-DPL-01",
+            "--name",
+            "东坡路第一网格",
+            "--level",
+            "网格",
+            "--parent",
+            "HZ-HB-DPL",
+        ],
+    )
+    .await;
+    assert!(again.status.success());
+    assert_eq!(id_of(&stdout(&again)), grid);
+    assert!(stderr(&again).contains("renamed"), "{}", stderr(&again));
+    let r = regions::get_region_by_code(&pool, "HZ-HB-DPL-01")
+        .await
+        .expect("grid");
+    assert_eq!(
+        r.path_names,
+        ["杭州市", "湖滨街道", "东坡路社区", "东坡路第一网格"]
+    );
+    assert_eq!(r.level, Level::Grid);
+
+    // A ledger of regions: detected by its header, Chinese columns, BOM, CRLF, a blank
+    // line, a full-width code; parents after children is fine.
+    let file = fixture("regions.csv");
+    let dry = ok(&db, &["import", &file, "--dry-run"]).await;
+    assert!(dry.contains("regions:  7 created"), "{dry}");
+    assert_eq!(db.count("SELECT count(*) FROM regions").await, 4);
+    let out = ok(&db, &["import", &file, "--json"]).await;
+    let s: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (s["kind"].as_str(), s["regions_created"].as_u64()),
+        (Some("regions"), Some(7))
+    );
+    let out = ok(&db, &["region", "import", &file, "--json"]).await;
+    let s: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(s["regions_unchanged"], 7, "{s}");
+    let listed = ok(&db, &["region", "list", "--under", "330102001"]).await;
+    let lines: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(lines.len(), 6, "{listed}");
+    assert!(lines[0].starts_with("330102001 "), "{listed}");
+    assert!(
+        lines[1].contains("  东坡路社区"),
+        "indented under its street: {listed}"
+    );
+    let young = regions::get_region_by_code(&pool, "330102001002-01")
+        .await
+        .expect("full-width parent code was folded");
+    assert_eq!(young.path_names[2], "青年路社区");
+
+    // A region that would move is refused with its line, and nothing is written.
+    let moved = tempfile::Builder::new()
+        .suffix(".csv")
+        .tempfile()
+        .expect("tmp");
+    std::fs::write(
+        moved.path(),
+        "code,name,level,parent_code\nNEW-1,新社区,community,330102001\n330102001001-02,第二网格,grid,330102001002\n",
+    )
+    .expect("write");
+    let err = fails(&db, &["import", &moved.path().display().to_string()]).await;
+    assert!(
+        err.contains("line 3, code: region 330102001001-02 belongs to 330102001001"),
+        "{err}"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM regions WHERE code = 'NEW-1'")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn registry_messy_office_ledger_imports() {
+    let db = TestDb::new().await;
+    let pool = migrated_pool(&db).await;
+    ok(&db, &["import", &fixture("regions.csv")]).await;
+
+    // GBK (Excel's plain "CSV" on Chinese Windows), a title row above the header, Chinese
+    // headers, blank and comma-only rows, a comment, stray and ideographic spaces,
+    // full-width digits, four date spellings, lists separated by 、 ； ; and ,.
+    let file = fixture("elders-gbk.csv");
+    let out = ok(&db, &["import", &file, "--json"]).await;
+    let s: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(s["elders_created"], 5, "{s}");
+    assert_eq!(s["devices_provisioned"], 4, "{s}");
+
+    let get = |r: &str| {
+        let pool = pool.clone();
+        let r = r.to_string();
+        async move {
+            registry::get_elder(&pool, &ElderKey::Ref(r.clone()))
+                .await
+                .unwrap_or_else(|e| panic!("{r}: {e}"))
+        }
+    };
+    let e1 = get("DPL-001").await;
+    assert_eq!(e1.name, "张桂英");
+    assert_eq!(e1.gender, Some(registry::Gender::Female));
+    assert_eq!(
+        e1.birth_date.map(|d| d.to_string()).as_deref(),
+        Some("1938-04-17")
+    );
+    assert_eq!(e1.phone.as_deref(), Some("13800001001"));
+    assert_eq!(e1.region_code.as_deref(), Some("330102001001-01"));
+    assert_eq!(
+        e1.region_path,
+        ["杭州市", "湖滨街道", "东坡路社区", "东坡路第一网格"]
+    );
+    assert_eq!(
+        e1.categories,
+        [
+            registry::Category::LivingAlone,
+            registry::Category::SpecialHardship
+        ]
+    );
+    assert_eq!(e1.conditions, ["高血压", "糖尿病"]);
+    assert_eq!(e1.medications, ["氨氯地平", "二甲双胍"]);
+    assert_eq!(e1.devices, ["860000000001001"]);
+    assert_eq!(e1.notes.as_deref(), Some("钥匙在对门邻居家"));
+    let e2 = get("DPL-002").await;
+    assert_eq!(
+        e2.birth_date.map(|d| d.to_string()).as_deref(),
+        Some("1940-03-02")
+    );
+    assert_eq!(
+        e2.phone.as_deref(),
+        Some("13800001002"),
+        "full-width digits folded"
+    );
+    assert_eq!(e2.devices, ["860000000001002"]);
+    assert_eq!(e2.gender, Some(registry::Gender::Male));
+    let who2 = registry::who_answers(&pool, e2.id).await.expect("who");
+    assert_eq!(
+        who2.guardians
+            .iter()
+            .map(|g| (g.priority, g.name.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "刘小军"), (2, "刘小红")]
+    );
+    assert_eq!(who2.grid_workers[0].name, "王芳");
+    let e3 = get("DPL-003").await;
+    assert_eq!(
+        e3.birth_date.map(|d| d.to_string()).as_deref(),
+        Some("1945-03-02")
+    );
+    assert_eq!(e3.id_number.as_deref(), Some("330102194503023021"));
+    assert_eq!(e3.categories, [registry::Category::LeftBehind]);
+    assert_eq!(e3.conditions, ["高血压", "骨质疏松"]);
+    assert_eq!(e3.notes.as_deref(), Some("独居，子女在外地打工"));
+    let who3 = registry::who_answers(&pool, e3.id).await.expect("who");
+    assert_eq!(who3.guardians[0].phone.as_deref(), Some("13900001003"));
+    let e4 = get("DPL-004").await;
+    assert_eq!(
+        e4.birth_date.map(|d| d.to_string()).as_deref(),
+        Some("1945-03-02")
+    );
+    assert_eq!(
+        e4.address.as_deref(),
+        Some("东坡路24号"),
+        "ideographic spaces trimmed"
+    );
+    assert_eq!(
+        e4.categories,
+        [
+            registry::Category::LivingAlone,
+            registry::Category::EmptyNest
+        ]
+    );
+    let q = get("QNL-001").await;
+    assert_eq!(
+        q.birth_date.map(|d| d.to_string()).as_deref(),
+        Some("1936-09-08")
+    );
+    assert_eq!(q.categories, [registry::Category::SpecialHardship]);
+    assert_eq!(q.region_path[2], "青年路社区");
+
+    // Filters by region subtree and category.
+    let community = ok(
+        &db,
+        &["elder", "list", "--region", "330102001001", "--json"],
+    )
+    .await;
+    assert_eq!(community.lines().count(), 4, "{community}");
+    let street = ok(
+        &db,
+        &[
+            "elder",
+            "list",
+            "--region",
+            "330102001",
+            "--category",
+            "特困",
+            "--json",
+        ],
+    )
+    .await;
+    let refs: Vec<String> = street
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["external_ref"].to_string()
+        })
+        .collect();
+    assert_eq!(refs, ["\"DPL-001\"", "\"QNL-001\""]);
+    let shown = ok(&db, &["elder", "show", "ref:DPL-001"]).await;
+    assert!(
+        shown.contains("杭州市 / 湖滨街道 / 东坡路社区 / 东坡路第一网格 (330102001001-01)"),
+        "{shown}"
+    );
+    assert!(shown.contains("living_alone (独居)"), "{shown}");
+
+    // The same ledger again changes nothing.
+    let out = ok(&db, &["import", &file, "--json"]).await;
+    let s: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (
+            s["elders_unchanged"].as_u64(),
+            s["devices_unchanged"].as_u64()
+        ),
+        (Some(5), Some(4)),
+        "{s}"
+    );
+
+    // The supplier's device list: detected as devices, stray spaces in the header, an id
+    // taken from the IMEI when the id cell is empty.
+    let out = ok(&db, &["import", &fixture("devices.csv"), "--json"]).await;
+    let s: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(s["kind"], "devices", "{s}");
+    assert_eq!(
+        (
+            s["devices_provisioned"].as_u64(),
+            s["devices_updated"].as_u64()
+        ),
+        (Some(2), Some(2)),
+        "{s}"
+    );
+    assert_eq!(s["devices_bound"], 0, "already bound by the ledger: {s}");
+    let d = devices::get(&pool, "861234567890124")
+        .await
+        .expect("db")
+        .expect("from the IMEI");
+    assert_eq!(d.model.as_deref(), Some("SG-B2 Pro"));
+    let d = devices::get(&pool, "860000000001002")
+        .await
+        .expect("db")
+        .expect("device");
+    assert_eq!(
+        (
+            d.imei.as_deref(),
+            d.firmware.as_deref(),
+            d.elder_ref.as_deref()
+        ),
+        (Some("860000000001002"), Some("1.4.2"), Some("DPL-002"))
+    );
+    assert!(d.bound_at.is_some());
+    let h = devices::history(&pool, "860000000001001")
+        .await
+        .expect("history");
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].bound_by.as_deref(), Some("import"));
+}
+
+#[tokio::test]
+async fn registry_messy_broken_files_report_lines_and_import_nothing() {
+    let db = TestDb::new().await;
+    let _pool = migrated_pool(&db).await;
+    ok(&db, &["import", &fixture("regions.csv")]).await;
+
+    let err = fails(&db, &["import", &fixture("elders-broken-gbk.csv")]).await;
+    assert!(err.contains("6 problem(s), nothing was imported"), "{err}");
+    for expected in [
+        "line 3, 出生日期 (birth_date): \"1945年13月2日\" is not a date",
+        "line 4, 类别 (categories): unknown category \"孤寡\"",
+        "line 5, 性别 (gender): unknown gender",
+        "line 6, 联系电话 (phone): \"1380009005\" is not a mobile number",
+        "line 7, 所属网格 (region): \"网格一\" is not a region code",
+        "line 8, 手环IMEI (devices): \"8600 0000\" is not a device id",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(!err.contains("line 2"), "the good row is not blamed: {err}");
+
+    // Valid on its own: only the database knows 330102001001 is a community and the last
+    // code does not exist. The good first row must not be left behind.
+    let err = fails(&db, &["import", &fixture("elders-not-a-grid.csv")]).await;
+    assert!(err.contains("2 problem(s), nothing was imported"), "{err}");
+    assert!(
+        err.contains("line 3, region: 330102001001 is a community, not a grid"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 4, region: no region has code \"330199999999-09\""),
+        "{err}"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM elders").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM devices").await, 0);
+
+    // Not text at all, and a device file with problems.
+    let junk = tempfile::Builder::new()
+        .suffix(".csv")
+        .tempfile()
+        .expect("tmp");
+    std::fs::write(junk.path(), b"PK\x03\x04\x14\x00\x06\x00binary").expect("write");
+    let err = fails(&db, &["import", &junk.path().display().to_string()]).await;
+    assert!(err.contains("Excel workbook"), "{err}");
+    std::fs::write(
+        junk.path(),
+        "device_id,imei,elder_ref\nd-1,861234567890123,NOBODY\nd-2,861234567890123,\nd 3,,\n",
+    )
+    .expect("write");
+    let err = fails(
+        &db,
+        &["device", "import", &junk.path().display().to_string()],
+    )
+    .await;
+    assert!(
+        err.contains("line 3, imei: 861234567890123 is also on line 2"),
+        "{err}"
+    );
+    assert!(err.contains("line 4, device_id"), "{err}");
+    std::fs::write(
+        junk.path(),
+        "device_id,imei,elder_ref\nd-1,861234567890123,NOBODY\n",
+    )
+    .expect("write");
+    let err = fails(
+        &db,
+        &["device", "import", &junk.path().display().to_string()],
+    )
+    .await;
+    assert!(
+        err.contains("line 2, elder_ref: no elder has ref \"NOBODY\""),
+        "{err}"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM devices").await, 0);
+}
+
+#[tokio::test]
+async fn registry_elder_profile_and_device_binding_history() {
+    let db = TestDb::new().await;
+    let pool = migrated_pool(&db).await;
+    ok(&db, &["import", &fixture("regions.csv")]).await;
+    let zhang = id_of(
+        &ok(
+            &db,
+            &[
+                "elder",
+                "add",
+                "--name",
+                "张桂英",
+                "--ref",
+                "B-1",
+                "--gender",
+                "女",
+                "--region",
+                "330102001001-01",
+                "--categories",
+                "独居、特困",
+                "--conditions",
+                "高血压；糖尿病",
+                "--medications",
+                "氨氯地平",
+                "--birth-date",
+                "1938年4月17日",
+                "--community",
+                "东坡路社区",
+            ],
+        )
+        .await,
+    );
+    let li = id_of(&ok(&db, &["elder", "add", "--name", "李四", "--ref", "B-2"]).await);
+    let e = registry::get_elder(&pool, &ElderKey::Id(zhang))
+        .await
+        .expect("elder");
+    assert_eq!(e.gender, Some(registry::Gender::Female));
+    assert_eq!(e.region_name.as_deref(), Some("东坡路第一网格"));
+    assert_eq!(e.conditions, ["高血压", "糖尿病"]);
+    assert_eq!(
+        e.community.as_deref(),
+        Some("东坡路社区"),
+        "community text still works"
+    );
+    // Elders live in grids.
+    let err = fails(
+        &db,
+        &["elder", "set", "ref:B-2", "--region", "330102001001"],
+    )
+    .await;
+    assert!(
+        err.contains("region: 330102001001 is a community, not a grid"),
+        "{err}"
+    );
+    let err = fails(
+        &db,
+        &["elder", "add", "--name", "王五", "--categories", "孤寡"],
+    )
+    .await;
+    assert!(err.contains("unknown category"), "{err}");
+    ok(
+        &db,
+        &[
+            "elder",
+            "set",
+            "ref:B-1",
+            "--clear-region",
+            "--categories",
+            "",
+            "--medications",
+            "阿司匹林",
+        ],
+    )
+    .await;
+    let e = registry::get_elder(&pool, &ElderKey::Id(zhang))
+        .await
+        .expect("elder");
+    assert_eq!((e.region_id, e.categories.len()), (None, 0));
+    assert_eq!(e.medications, ["阿司匹林"]);
+    assert_eq!(e.conditions, ["高血压", "糖尿病"], "not given, kept");
+
+    // A bracelet with its IMEI, model and firmware.
+    ok(
+        &db,
+        &[
+            "device",
+            "add",
+            "sg-0001",
+            "--imei",
+            "86-123456-789012-3",
+            "--model",
+            "SG-B2",
+            "--firmware",
+            "1.4.2",
+        ],
+    )
+    .await;
+    let err = fails(
+        &db,
+        &["device", "add", "sg-0002", "--imei", "861234567890123"],
+    )
+    .await;
+    assert!(err.contains("already belongs to device sg-0001"), "{err}");
+    let err = fails(&db, &["device", "add", "sg-0002", "--imei", "86123"]).await;
+    assert!(err.contains("not an IMEI"), "{err}");
+    let d = devices::get(&pool, "sg-0001")
+        .await
+        .expect("db")
+        .expect("device");
+    assert_eq!(d.imei.as_deref(), Some("861234567890123"));
+
+    // Bind, rebind (closing the first binding), unbind: every step kept with who did it.
+    ok(
+        &db,
+        &["elder", "bind-device", "ref:B-1", "sg-0001", "--by", "王芳"],
+    )
+    .await;
+    let d = devices::get(&pool, "sg-0001")
+        .await
+        .expect("db")
+        .expect("device");
+    assert_eq!(d.elder_id, Some(zhang));
+    assert!(d.bound_at.is_some());
+    // Binding again to the same elder changes nothing.
+    ok(&db, &["elder", "bind-device", "ref:B-1", "sg-0001"]).await;
+    let out = registry::bind_device(
+        &pool,
+        &ElderKey::Ref("B-2".into()),
+        "sg-0001",
+        false,
+        "api:chen",
+    )
+    .await
+    .expect("rebind");
+    assert_eq!(out.previous_elder, Some(zhang));
+    assert_eq!(
+        db.count("SELECT count(*) FROM device_bindings WHERE device_id = 'sg-0001' AND unbound_at IS NULL")
+            .await,
+        1,
+        "one open binding"
+    );
+    let prev = registry::unbind_device(&pool, "sg-0001", "api:chen")
+        .await
+        .expect("unbind");
+    assert_eq!(prev, Some(li));
+    let d = devices::get(&pool, "sg-0001")
+        .await
+        .expect("db")
+        .expect("device");
+    assert_eq!((d.elder_id, d.bound_at.is_none()), (None, true));
+    assert!(registry::unbind_device(&pool, "nope", "x")
+        .await
+        .unwrap_err()
+        .is_not_found());
+
+    let h = devices::history(&pool, "sg-0001").await.expect("history");
+    let rows: Vec<(Option<i64>, Option<&str>, Option<&str>)> = h
+        .iter()
+        .map(|b| (b.elder_id, b.bound_by.as_deref(), b.unbound_by.as_deref()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (Some(li), Some("api:chen"), Some("api:chen")),
+            (Some(zhang), Some("王芳"), Some("api:chen")),
+        ]
+    );
+    assert_eq!(
+        h[1].unbound_at,
+        Some(h[0].bound_at),
+        "the handover is one instant"
+    );
+    let out = ok(&db, &["device", "history", "sg-0001"]).await;
+    assert!(
+        out.contains("王芳") && out.contains("张桂英 (ref B-1)"),
+        "{out}"
+    );
+    let json = ok(&db, &["device", "history", "sg-0001", "--json"]).await;
+    assert_eq!(json.lines().count(), 2);
+    let err = fails(&db, &["device", "history", "never-seen"]).await;
+    assert!(err.contains("not found"), "{err}");
+    assert_eq!(
+        devices::elder_history(&pool, zhang)
+            .await
+            .expect("elder history")
+            .len(),
+        1
+    );
+
+    // Removing an elder closes their open binding; the history stays.
+    ok(
+        &db,
+        &["elder", "bind-device", "ref:B-2", "sg-0001", "--by", "陈静"],
+    )
+    .await;
+    ok(&db, &["elder", "remove", "--ref", "B-2"]).await;
+    let h = devices::history(&pool, "sg-0001").await.expect("history");
+    assert_eq!(h.len(), 3);
+    assert!(h.iter().all(|b| b.unbound_at.is_some()), "{h:?}");
+    assert_eq!(
+        h[0].elder_id, None,
+        "the removed elder's id is gone from history"
+    );
 }

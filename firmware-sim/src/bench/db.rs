@@ -38,7 +38,8 @@ fn chain(e: &tokio_postgres::Error) -> String {
     s
 }
 
-async fn connect(url: &str) -> Result<Client, BenchError> {
+/// A plain connection to `url` (its driver task spawned).
+pub async fn connect(url: &str) -> Result<Client, BenchError> {
     let (client, conn) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(|e| BenchError::Db(format!("connecting to {}: {}", redact(url), chain(&e))))?;
@@ -120,7 +121,17 @@ pub struct SosTrace {
 
 /// The bench database.
 pub struct BenchDb {
-    client: Client,
+    pub client: Client,
+}
+
+/// What the heartbeats take on disk.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Storage {
+    pub rows: u64,
+    /// Every partition of `heartbeats` with its indexes and TOAST
+    /// (`pg_total_relation_size` over `pg_partition_tree`).
+    pub bytes: u64,
+    pub bytes_per_row: Option<f64>,
 }
 
 impl BenchDb {
@@ -161,6 +172,27 @@ impl BenchDb {
             }
         }
         Ok(last)
+    }
+
+    /// Bytes the heartbeat table takes (all partitions, indexes included) for `rows` rows.
+    /// Measured after a `CHECKPOINT`-free `VACUUM`-free run: what ingest left on disk.
+    pub async fn storage(&self, rows: u64) -> Option<Storage> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::int8 \
+                 FROM pg_partition_tree('heartbeats')",
+                &[],
+            )
+            .await
+            .ok()?;
+        let bytes: i64 = row.try_get(0).ok()?;
+        let bytes = bytes.max(0) as u64;
+        Some(Storage {
+            rows,
+            bytes,
+            bytes_per_row: (rows > 0).then(|| bytes as f64 / rows as f64),
+        })
     }
 
     /// Per SOS device: when silverguard received its SOS, when the alert's notifications

@@ -1,33 +1,48 @@
 //! The heartbeat load: `devices` bracelets multiplexed over `connections` MQTT connections,
-//! each connection paced by its own token bucket at `rate / connections` per second.
+//! each connection paced by its own token bucket at `rate / connections` per second. The
+//! rate can be changed while it runs ([`Load::set_rate`]; 0 pauses), which is how the bench
+//! ramps the offered load step by step.
 //!
-//! A real fleet is one connection per bracelet; 100k sockets on the machine under test would
+//! A real fleet is one connection per bracelet; 200k sockets on the machine under test would
 //! measure the bench's own socket handling, so the bench multiplexes. What the service sees is
 //! the same: `Heartbeat`s from distinct devices on `sg/v1/dev/{id}/hb`, each with its own
-//! increasing `seq` and plausible vitals from [`crate::physiology`], at QoS 1.
+//! increasing `seq` and plausible vitals from [`crate::physiology`], at QoS 1. The
+//! connections use the bench's own minimal client ([`super::raw`]): whatever is due is
+//! written with one call.
+//!
+//! Some heartbeats are **markers** for the ingest lag: about `markers_per_s` per second over
+//! the whole load, each reported with the instant of its publish to the [`super::lag`]
+//! tracker, which watches for its row.
 
+use bytes::{Buf, BytesMut};
 use silverguard_proto::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{Conn, ConnCounters, ConnSettings};
+use super::conn::ConnCounters;
+use super::lag::Marker;
+use super::raw;
 use super::stats::TokenBucket;
 use super::BenchError;
 use crate::physiology::Body;
 use crate::{now_unix_ms, topics, BrokerAddr};
 
-/// Messages in flight per connection. Far more than a localhost round trip needs at
-/// 1,000 msg/s per connection, so acknowledgements never pace the publisher.
-const INFLIGHT: u16 = 1000;
-/// Request channel per connection: a few seconds of stall at the default rate.
-const CHANNEL: usize = 8192;
+/// QoS 1 messages in flight per connection (published, PUBACK not yet read). Mosquitto
+/// acknowledges a QoS 1 PUBLISH as soon as it has it, so on localhost a window of this size
+/// never paces the publisher; it bounds what a stalled broker can make the bench buffer.
+const INFLIGHT: u64 = 2000;
 /// Burst the token bucket allows: 50 ms of the connection's rate (timer wake-ups are late by
 /// a millisecond or two; a burst that small does not distort the offered rate).
 const BURST: Duration = Duration::from_millis(50);
+/// The publisher wakes at most this often (it writes everything due at each wake-up).
+const TICK: Duration = Duration::from_millis(1);
 
 /// What to offer.
 #[derive(Debug, Clone)]
@@ -36,12 +51,14 @@ pub struct LoadSettings {
     /// Device ids; device `i` goes to connection `i % connections`.
     pub devices: Vec<String>,
     pub connections: usize,
-    /// Heartbeats per second, all connections together.
+    /// Heartbeats per second at start, all connections together (0: start paused).
     pub rate: f64,
     /// Seed of the simulated elders' physiology.
     pub seed: u64,
     /// Client ids are `{client_prefix}-{i}`.
     pub client_prefix: String,
+    /// Lag markers per second, all connections together (0: none).
+    pub markers_per_s: f64,
 }
 
 /// One simulated bracelet inside a connection's publisher.
@@ -55,16 +72,22 @@ struct Device {
 
 /// A running load.
 pub struct Load {
-    conns: Vec<Arc<Conn>>,
     publishers: Vec<JoinHandle<()>>,
+    readers: Vec<JoinHandle<()>>,
+    rate: watch::Sender<f64>,
     stop: CancellationToken,
     pub counters: Arc<ConnCounters>,
     overflow: Arc<AtomicU64>,
+    connections: usize,
 }
 
 impl Load {
     /// Connects every connection (failing fast if one cannot), then starts publishing.
-    pub async fn start(s: LoadSettings) -> Result<Load, BenchError> {
+    /// Markers go to `markers` when given.
+    pub async fn start(
+        s: LoadSettings,
+        markers: Option<mpsc::UnboundedSender<Marker>>,
+    ) -> Result<Load, BenchError> {
         if s.connections == 0 || s.devices.len() < s.connections {
             return Err(BenchError::Config(format!(
                 "need at least one device per connection ({} devices, {} connections)",
@@ -72,32 +95,24 @@ impl Load {
                 s.connections
             )));
         }
-        let counters = Arc::new(ConnCounters::default());
-        let mut conns = Vec::with_capacity(s.connections);
+        let mut streams = Vec::with_capacity(s.connections);
         for i in 0..s.connections {
-            let settings = ConnSettings {
-                broker: s.broker.clone(),
-                client_id: format!("{}-{i}", s.client_prefix),
-                inflight: INFLIGHT,
-                channel: CHANNEL,
-            };
-            let conn = Conn::open(settings, counters.clone(), None, Duration::from_secs(15)).await;
-            match conn {
-                Ok(c) => conns.push(Arc::new(c)),
-                Err(e) => {
-                    for c in conns {
-                        if let Ok(c) = Arc::try_unwrap(c) {
-                            c.close().await;
-                        }
-                    }
-                    return Err(e);
-                }
-            }
+            let id = format!("{}-{i}", s.client_prefix);
+            let stream = raw::connect(&s.broker, &id, true, 60, Duration::from_secs(15))
+                .await
+                .map_err(|e| {
+                    BenchError::Mqtt(format!(
+                        "{id} could not connect to {}:{}: {e}",
+                        s.broker.host, s.broker.port
+                    ))
+                })?;
+            streams.push(stream);
         }
 
+        let counters = Arc::new(ConnCounters::default());
         let stop = CancellationToken::new();
         let overflow = Arc::new(AtomicU64::new(0));
-        let per_conn_rate = s.rate / s.connections as f64;
+        let (rate_tx, rate_rx) = watch::channel(s.rate);
         let mut groups: Vec<Vec<Device>> = (0..s.connections).map(|_| Vec::new()).collect();
         for (i, id) in s.devices.iter().enumerate() {
             groups[i % s.connections].push(Device {
@@ -108,100 +123,224 @@ impl Load {
                 last_ms: 0,
             });
         }
-        let publishers = groups
-            .into_iter()
-            .zip(conns.iter().cloned())
-            .map(|(devices, conn)| {
-                tokio::spawn(publish_loop(
-                    conn,
-                    devices,
-                    per_conn_rate,
-                    counters.clone(),
-                    overflow.clone(),
-                    stop.clone(),
-                ))
-            })
-            .collect();
+        let marker_every = (s.markers_per_s > 0.0)
+            .then(|| Duration::from_secs_f64(s.connections as f64 / s.markers_per_s));
+        let mut publishers = Vec::new();
+        let mut readers = Vec::new();
+        for (devices, stream) in groups.into_iter().zip(streams) {
+            let (rd, wr) = stream.into_split();
+            let inflight = Arc::new(AtomicU64::new(0));
+            readers.push(tokio::spawn(read_acks(
+                rd,
+                inflight.clone(),
+                counters.clone(),
+            )));
+            publishers.push(tokio::spawn(publish_loop(Publisher {
+                wr,
+                devices,
+                rate: rate_rx.clone(),
+                connections: s.connections,
+                inflight,
+                counters: counters.clone(),
+                overflow: overflow.clone(),
+                markers: markers.clone().zip(marker_every),
+                stop: stop.clone(),
+            })));
+        }
         Ok(Load {
-            conns,
             publishers,
+            readers,
+            rate: rate_tx,
             stop,
             counters,
             overflow,
+            connections: s.connections,
         })
     }
 
-    /// Heartbeats that were due and never offered because the publisher was behind.
+    /// Changes the offered rate (all connections together); 0 pauses.
+    pub fn set_rate(&self, rate: f64) {
+        let _ = self.rate.send(rate.max(0.0));
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections
+    }
+
+    /// Heartbeats that were due and never offered because the publisher was behind (the
+    /// machine was busy, or the broker did not take them fast enough).
     pub fn overflow(&self) -> u64 {
         self.overflow.load(Ordering::Relaxed)
     }
 
+    /// Waits (at most `timeout`) until the broker has acknowledged everything published.
+    pub async fn wait_acked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.counters.acked() < self.counters.published() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Stops publishing, waits up to `ack_timeout` for the broker to acknowledge everything
-    /// published, and closes the connections.
+    /// published, and disconnects.
     pub async fn stop(self, ack_timeout: Duration) {
+        self.set_rate(0.0);
+        self.wait_acked(ack_timeout).await;
         self.stop.cancel();
         for p in self.publishers {
             let _ = p.await;
         }
-        let deadline = Instant::now() + ack_timeout;
-        while self.counters.acked() < self.counters.published() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        for c in self.conns {
-            if let Ok(c) = Arc::try_unwrap(c) {
-                c.close().await;
-            }
+        for r in self.readers {
+            r.abort();
         }
     }
 }
 
-/// Publishes round-robin over `devices` at `rate` per second until stopped.
-async fn publish_loop(
-    conn: Arc<Conn>,
-    mut devices: Vec<Device>,
-    rate: f64,
+/// Counts PUBACKs (and whatever else the broker sends, which is nothing but PINGRESP).
+async fn read_acks(mut rd: OwnedReadHalf, inflight: Arc<AtomicU64>, counters: Arc<ConnCounters>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        match rd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => {
+                if inflight.load(Ordering::Relaxed) > 0 {
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            Ok(_) => {}
+        }
+        let mut acks = 0;
+        loop {
+            match raw::peek_frame(&buf) {
+                Ok(Some((first, header, len))) => {
+                    if first >> 4 == raw::PUBACK {
+                        acks += 1;
+                    }
+                    buf.advance(header + len);
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+        if acks > 0 {
+            inflight.fetch_sub(acks, Ordering::Relaxed);
+            counters.acked.fetch_add(acks, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Publisher {
+    wr: OwnedWriteHalf,
+    devices: Vec<Device>,
+    rate: watch::Receiver<f64>,
+    connections: usize,
+    inflight: Arc<AtomicU64>,
     counters: Arc<ConnCounters>,
     overflow: Arc<AtomicU64>,
+    markers: Option<(mpsc::UnboundedSender<Marker>, Duration)>,
     stop: CancellationToken,
-) {
-    let capacity = (rate * BURST.as_secs_f64()).max(1.0);
-    let mut bucket = TokenBucket::new(rate, capacity, Instant::now().into_std());
-    let n_devices = devices.len();
+}
+
+fn bucket_for(rate: f64, connections: usize) -> (TokenBucket, f64) {
+    let per_conn = rate / connections as f64;
+    let capacity = (per_conn * BURST.as_secs_f64()).max(1.0);
+    (
+        TokenBucket::new(per_conn, capacity, Instant::now().into_std()),
+        capacity,
+    )
+}
+
+/// Publishes round-robin over the connection's devices at its share of the rate until
+/// stopped; then sends DISCONNECT.
+async fn publish_loop(mut p: Publisher) {
+    let mut rate = *p.rate.borrow_and_update();
+    let (mut bucket, mut capacity) = bucket_for(rate, p.connections);
+    let n_devices = p.devices.len();
     let mut next = 0usize;
+    let mut pkid: u16 = 0;
     let mut reported_overflow = 0u64;
-    'run: while !stop.is_cancelled() {
-        let now = Instant::now().into_std();
-        let due = bucket.take(now, capacity as u64);
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut next_marker = Instant::now();
+    let mut last_ping = Instant::now();
+    'run: while !p.stop.is_cancelled() {
+        // Compared, not `has_changed`: the wait below consumes change notifications.
+        let r = *p.rate.borrow_and_update();
+        if r != rate {
+            rate = r;
+            (bucket, capacity) = bucket_for(r, p.connections);
+            reported_overflow = 0;
+        }
+        let now = Instant::now();
+        let room = INFLIGHT.saturating_sub(p.inflight.load(Ordering::Relaxed));
+        let due = bucket.take(now.into_std(), (capacity as u64).min(room));
         let o = bucket.overflow();
         if o > reported_overflow {
-            overflow.fetch_add(o - reported_overflow, Ordering::Relaxed);
+            p.overflow
+                .fetch_add(o - reported_overflow, Ordering::Relaxed);
             reported_overflow = o;
         }
         if due == 0 {
-            // Never sleep less than the timer's resolution: a 0.3 ms sleep is a 1 ms sleep
-            // anyway, and the bucket makes up for it with a small burst.
-            let wait = bucket.until_next(now).max(Duration::from_micros(500));
+            if now - last_ping > Duration::from_secs(20) {
+                raw::encode_pingreq(&mut buf);
+                last_ping = now;
+                if p.wr.write_all(&buf).await.is_err() {
+                    break 'run;
+                }
+                buf.clear();
+            }
+            let wait = bucket
+                .until_next(now.into_std())
+                .clamp(TICK, Duration::from_millis(50));
             tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = p.stop.cancelled() => break,
+                _ = p.rate.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
             continue;
         }
+        let published_at = Instant::now();
+        let mut marker: Option<Marker> = None;
         for _ in 0..due {
-            let d = &mut devices[next];
+            let d = &mut p.devices[next];
             next = (next + 1) % n_devices;
             d.seq += 1;
             // Strictly increasing per device, whatever the wall clock does.
             let at = now_unix_ms().max(d.last_ms + 1);
             d.last_ms = at;
-            let payload = d
-                .body
-                .sample(at)
-                .to_heartbeat(&d.id, d.seq, at)
-                .encode_to_vec();
-            if !conn.publish(&counters, d.topic.clone(), payload).await {
-                break 'run;
+            let hb = d.body.sample(at).to_heartbeat(&d.id, d.seq, at);
+            pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+            raw::encode_publish_head(&mut buf, &d.topic, pkid, hb.encoded_len());
+            // Infallible: BytesMut grows as needed.
+            let _ = hb.encode(&mut buf);
+            if marker.is_none() && published_at >= next_marker {
+                if let Some((_, every)) = &p.markers {
+                    marker = Some(Marker {
+                        device_id: d.id.clone(),
+                        seq: d.seq as i64,
+                        measured_at_ms: at,
+                        published: published_at,
+                    });
+                    next_marker = published_at + *every;
+                }
             }
         }
+        p.inflight.fetch_add(due, Ordering::Relaxed);
+        if p.wr.write_all(&buf).await.is_err() {
+            p.counters.publish_errors.fetch_add(due, Ordering::Relaxed);
+            break 'run;
+        }
+        buf.clear();
+        p.counters.published.fetch_add(due, Ordering::Relaxed);
+        if let (Some(m), Some((tx, _))) = (marker, &p.markers) {
+            let _ = tx.send(m);
+        }
     }
+    buf.clear();
+    raw::encode_disconnect(&mut buf);
+    let _ = p.wr.write_all(&buf).await;
+    let _ = p.wr.shutdown().await;
 }

@@ -1,6 +1,6 @@
-//! `bracelet-sim bench`: how long an SOS takes to reach a person's phone while the pipeline
-//! ingests a heavy heartbeat stream (issue 3: p99 ≤ 500 ms at 5,000 heartbeats/s), measured
-//! end to end against a real broker, a real PostgreSQL and the real `silverguard serve`.
+//! `bracelet-sim bench`: how much a city's fleet one small node can ingest, and how long an
+//! SOS takes to reach a person's phone meanwhile (issues 3 and 5), measured end to end
+//! against a real broker, a real PostgreSQL and the real `silverguard serve`.
 //!
 //! # What one run does
 //!
@@ -10,30 +10,30 @@
 //!    migrates it and provisions the fleet with the service's own admin commands
 //!    ([`provision`]): `devices` load bracelets, and one SOS bracelet per SOS to be pressed,
 //!    each bound to its own elder whose grid worker has a unique phone.
-//! 3. Starts `silverguard serve` as a child ([`service`]) pointed at the broker, the database
+//! 3. Measures the limits asked for in `baselines` ([`baselines`]) while no service consumes
+//!    the stream: broker pass-through, `psql \copy`, a naive INSERT-per-message bridge.
+//! 4. Starts `silverguard serve` as a child ([`service`]) pointed at the broker, the database
 //!    and the gateway, and waits for `/readyz`.
-//! 4. Idle phase: `idle_sos` SOS presses with no other traffic: the baseline.
-//! 5. Load phase ([`load`]): `rate` heartbeats/s from `devices` bracelets over `connections`
-//!    MQTT connections; after `warmup`, a measured window of `duration` during which SOS are
-//!    pressed at `sos_rate` ([`sos`]), the committed row count, CPU time, memory and the
-//!    service's own histograms are sampled at both ends.
-//! 6. Drain: waits for acknowledgements, for every SMS (at most `sos_timeout` after its SOS)
-//!    and for the heartbeat count to stop growing; then stops the service.
-//! 7. Reports ([`report`]): committed heartbeats/s, losses, SOS latency idle and loaded with
-//!    their p99 ratio, where the loaded SOS latency goes (from database timestamps), CPU and
-//!    RSS. A lost SOS or a lost heartbeat fails the run.
-//!
-//! # Growing it (issue 5)
-//!
-//! The pieces are separate on purpose: [`load::Load`] is a paced multi-connection publisher
-//! that a rate ramp can drive step by step, [`stats::Histogram`] reads any of the service's
-//! histograms (ingest lag next), and [`report::BenchReport`] is plain data for a plot.
+//! 5. Idle phase: `idle_sos` SOS presses with no other traffic: the baseline.
+//! 6. Load phase ([`load`]): for each step of the ramp (or once, at `rate`), heartbeats from
+//!    `devices` bracelets multiplexed over `connections` MQTT connections ([`raw`]); after
+//!    `warmup`, a measured window of `duration` during which SOS are pressed at `sos_rate`
+//!    ([`sos`]), lag markers are followed into the database ([`lag`]), and the service's
+//!    counters, CPU time and memory are sampled. Then the load pauses until everything
+//!    published is committed (per-step losses), and the next step starts. The ramp stops
+//!    after the first step the service cannot keep up with.
+//! 7. Reports ([`report`]): per step and overall, committed heartbeats/s, ingest lag, SOS
+//!    latency (and where it goes, from database timestamps), CPU, RSS, rejects and losses,
+//!    the ratios to the limits, storage per heartbeat. A lost SOS or heartbeat fails the run.
 
+pub mod baselines;
 pub mod conn;
 pub mod db;
 pub mod gateway;
+pub mod lag;
 pub mod load;
 pub mod provision;
+pub mod raw;
 pub mod report;
 pub mod service;
 pub mod sos;
@@ -121,6 +121,27 @@ pub struct BenchConfig {
     pub seed: u64,
     /// No progress lines on stderr.
     pub quiet: bool,
+    /// A ramp: one step per offered rate (heartbeats/s), each with `warmup` + `duration` and
+    /// drained before the next. Empty: one step at `rate`.
+    pub steps: Vec<f64>,
+    /// Baselines measured before the service starts ([`baselines`]).
+    pub baselines: baselines::Which,
+    /// Measured window of the broker and naive-bridge baselines (after 2 s of warm-up).
+    pub baseline_window: Duration,
+    /// Rate offered to the broker baseline: far above what it passes, so that it shows its
+    /// ceiling (what the bench could not publish is counted, not hidden).
+    pub broker_rate: f64,
+    /// Rate offered to the naive bridge.
+    pub naive_rate: f64,
+    /// Rows `psql \copy` loads in the COPY baseline.
+    pub copy_rows: u64,
+    /// Lag markers per second over the whole load ([`lag`]).
+    pub markers_per_s: f64,
+    /// How often the lag tracker looks for its markers (the lag figures' resolution).
+    pub lag_poll: Duration,
+    /// SQL run on the bench database after `silverguard migrate`, before the service starts
+    /// (schema experiments, e.g. `ALTER TABLE device_latest SET (fillfactor = 50)`).
+    pub db_sql: Vec<String>,
     /// Cancelling stops the run at once (the service is killed, the database dropped).
     pub cancel: CancellationToken,
 }
@@ -148,6 +169,15 @@ impl BenchConfig {
             drain_timeout: Duration::from_secs(60),
             seed: 1,
             quiet: false,
+            steps: Vec::new(),
+            baselines: baselines::Which::default(),
+            baseline_window: Duration::from_secs(10),
+            broker_rate: 400_000.0,
+            naive_rate: 5_000.0,
+            copy_rows: 1_000_000,
+            markers_per_s: 100.0,
+            lag_poll: Duration::from_millis(20),
+            db_sql: Vec::new(),
             cancel: CancellationToken::new(),
         };
         c.sos_devices = c.needed_sos_devices();
@@ -172,9 +202,23 @@ impl BenchConfig {
         c
     }
 
-    /// SOS presses the window makes: `sos_rate × duration`.
-    pub fn loaded_sos(&self) -> usize {
+    /// The offered rate of each step.
+    pub fn step_rates(&self) -> Vec<f64> {
+        if self.steps.is_empty() {
+            vec![self.rate]
+        } else {
+            self.steps.clone()
+        }
+    }
+
+    /// SOS presses one step's window makes: `sos_rate × duration`.
+    pub fn loaded_sos_per_step(&self) -> usize {
         (self.sos_rate * self.duration.as_secs_f64()).floor() as usize
+    }
+
+    /// SOS presses all windows make.
+    pub fn loaded_sos(&self) -> usize {
+        self.loaded_sos_per_step() * self.step_rates().len()
     }
 
     /// One device per SOS: the idle ones, the window's, and a 10 % margin (at least 5).
@@ -187,6 +231,15 @@ impl BenchConfig {
         let mut p = Vec::new();
         if !(self.rate > 0.0 && self.rate.is_finite()) {
             p.push("--rate must be above 0".to_string());
+        }
+        if self.steps.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
+            p.push("--steps must all be above 0".to_string());
+        }
+        if self.markers_per_s < 0.0 || self.lag_poll.is_zero() {
+            p.push("--markers-per-s must be >= 0 and --lag-poll above 0".to_string());
+        }
+        if self.baselines.copy && self.copy_rows == 0 {
+            p.push("--copy-rows must be above 0".to_string());
         }
         if self.devices == 0 || self.devices > 999_999 {
             p.push("--devices must be between 1 and 999999".into());
@@ -310,10 +363,22 @@ async fn run_in(
     };
 
     svc.run(&["migrate"], None).await?;
+    if !cfg.db_sql.is_empty() {
+        let client = db::connect(&db_url).await?;
+        for sql in &cfg.db_sql {
+            client
+                .batch_execute(sql)
+                .await
+                .map_err(|e| BenchError::Db(format!("--db-sql {sql:?}: {e}")))?;
+            p.say(format!("applied: {sql}"));
+        }
+    }
     let load_ids = provision::load_ids(cfg.devices);
     let targets = provision::sos_targets(cfg.sos_devices);
     let import_file = std::env::temp_dir().join(format!("{name}-sos.toml"));
-    let interval_s = (cfg.devices as f64 / cfg.rate).round() as u64;
+    // The slowest step sets each device's expected interval: no device looks silent.
+    let slowest = cfg.step_rates().into_iter().fold(f64::INFINITY, f64::min);
+    let interval_s = (cfg.devices as f64 / slowest).ceil() as u64;
     let t = Instant::now();
     let provisioned =
         provision::provision(&svc, &load_ids, interval_s, &targets, &import_file).await;
@@ -325,6 +390,9 @@ async fn run_in(
         targets.len(),
         t.elapsed().as_secs_f64()
     ));
+
+    // The limits, while nothing else consumes the stream.
+    let baselines = run_baselines(cfg, broker, &db_url, &load_ids, tag, name, p).await;
 
     let log = cfg
         .service_log
@@ -350,6 +418,7 @@ async fn run_in(
     gateway.stop();
 
     let mut report = measured?;
+    report.baselines = baselines;
     report.started_unix_ms = started_unix_ms;
     report.elapsed_s = started.elapsed().as_secs_f64();
     report.machine.postgres_version = server.version().await;
@@ -358,6 +427,99 @@ async fn run_in(
     report.usage.service_log = log.display().to_string();
     report.judge();
     Ok(report)
+}
+
+/// Runs the baselines `cfg.baselines` asks for; one that fails is listed as skipped, with why.
+async fn run_baselines(
+    cfg: &BenchConfig,
+    broker: &BrokerAddr,
+    db_url: &str,
+    load_ids: &[String],
+    tag: &str,
+    name: &str,
+    p: &Progress,
+) -> baselines::Baselines {
+    let mut out = baselines::Baselines::default();
+    let warmup = Duration::from_secs(2);
+    if cfg.baselines.broker {
+        p.say(format!(
+            "baseline: broker pass-through, {:.0} hb/s offered for {:.0}s",
+            cfg.broker_rate,
+            cfg.baseline_window.as_secs_f64()
+        ));
+        let offer = baselines::Offer {
+            devices: load_ids.to_vec(),
+            connections: cfg.connections,
+            rate: cfg.broker_rate,
+            warmup,
+            window: cfg.baseline_window,
+        };
+        match baselines::broker_passthrough(broker, offer, tag).await {
+            Ok(b) => {
+                p.say(format!(
+                    "baseline: broker passed {:.0}/s (published {:.0}/s)",
+                    b.received_per_s, b.published_per_s
+                ));
+                out.broker = Some(b);
+            }
+            Err(e) => out.skipped.push(format!("broker: {e}")),
+        }
+    }
+    let client = if cfg.baselines.copy || cfg.baselines.naive {
+        match db::connect(db_url).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                out.skipped.push(format!("copy, naive: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let (true, Some(client)) = (cfg.baselines.copy, &client) {
+        p.say(format!(
+            "baseline: psql \\copy of {} heartbeat rows",
+            cfg.copy_rows
+        ));
+        let csv = std::env::temp_dir().join(format!("{name}-copy.csv"));
+        match baselines::copy_rate(client, db_url, cfg.copy_rows, load_ids, cfg.seed, &csv).await {
+            Ok(b) => {
+                p.say(format!(
+                    "baseline: COPY {:.0} rows/s ({:.1}s), {} bytes/row on disk",
+                    b.rows_per_s,
+                    b.seconds,
+                    b.bytes_per_row.map_or("?".into(), |v| format!("{v:.0}"))
+                ));
+                out.copy = Some(b);
+            }
+            Err(e) => out.skipped.push(format!("copy: {e}")),
+        }
+    }
+    if let (true, Some(client)) = (cfg.baselines.naive, &client) {
+        p.say(format!(
+            "baseline: naive INSERT-per-message bridge, {:.0} hb/s offered for {:.0}s",
+            cfg.naive_rate,
+            cfg.baseline_window.as_secs_f64()
+        ));
+        let offer = baselines::Offer {
+            devices: load_ids.to_vec(),
+            connections: cfg.connections,
+            rate: cfg.naive_rate,
+            warmup,
+            window: cfg.baseline_window,
+        };
+        match baselines::naive_bridge(broker, client, offer, tag).await {
+            Ok(b) => {
+                p.say(format!(
+                    "baseline: naive bridge committed {:.0}/s",
+                    b.committed_per_s
+                ));
+                out.naive = Some(b);
+            }
+            Err(e) => out.skipped.push(format!("naive: {e}")),
+        }
+    }
+    out
 }
 
 /// The service's MQTT session outlives it (persistent, so that a restart loses nothing);
@@ -370,10 +532,14 @@ async fn forget_service_sessions(cfg: &BenchConfig, broker: &BrokerAddr, client_
         .find(|(k, _)| k == "SILVERGUARD_MQTT__CONNECTIONS")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(1);
-    for i in 0..n {
+    // Its connections `-0` .. `-{n-1}`, and the event lane's own (`-evt`).
+    let ids = (0..n)
+        .map(|i| format!("{client_id}-{i}"))
+        .chain(std::iter::once(format!("{client_id}-evt")));
+    for id in ids {
         let settings = conn::ConnSettings {
             broker: broker.clone(),
-            client_id: format!("{client_id}-{i}"),
+            client_id: id,
             inflight: 1,
             channel: 4,
         };
@@ -430,7 +596,7 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
         tag,
         p,
     } = x;
-    let ready = service.wait_ready(Duration::from_secs(60)).await?;
+    let ready = service.wait_ready(Duration::from_secs(120)).await?;
     p.say(format!("silverguard ready in {:.1}s", ready.as_secs_f64()));
     let mut report = BenchReport {
         tool: format!("bracelet-sim {} bench", env!("CARGO_PKG_VERSION")),
@@ -447,6 +613,7 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
     report.settings = report::Settings {
         smoke: cfg.smoke,
         offered_rate_per_s: cfg.rate,
+        steps_per_s: cfg.steps.clone(),
         devices: cfg.devices,
         connections: cfg.connections,
         warmup_s: cfg.warmup.as_secs_f64(),
@@ -455,12 +622,15 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
         idle_sos: cfg.idle_sos,
         sos_devices: cfg.sos_devices,
         sos_timeout_s: cfg.sos_timeout.as_secs_f64(),
+        markers_per_s: cfg.markers_per_s,
+        lag_poll_ms: cfg.lag_poll.as_secs_f64() * 1000.0,
         seed: cfg.seed,
         service_env: cfg
             .service_env
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect(),
+        db_sql: cfg.db_sql.clone(),
         ..report::Settings::default()
     };
 
@@ -500,79 +670,212 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
         fmt_ms(report.sos_idle.latency.max_ms)
     ));
 
-    // Load phase.
+    // Load phase: one step per offered rate, each drained before the next.
     let bench_db = db::BenchDb::connect(db_url).await?;
-    let load = Load::start(LoadSettings {
-        broker: broker.clone(),
-        devices: provision::load_ids(cfg.devices),
-        connections: cfg.connections,
-        rate: cfg.rate,
-        seed: cfg.seed,
-        client_prefix: format!("bench-hb-{tag}"),
-    })
-    .await?;
-    p.say(format!(
-        "load: {} hb/s over {} connections; warm-up {:.0}s",
-        cfg.rate,
-        cfg.connections,
-        cfg.warmup.as_secs_f64()
-    ));
-    let load_started = Instant::now();
-    watch(&load, gateway, load_started, cfg.warmup, "warm-up", p).await;
-
-    // The measured window.
-    let c0 = bench_db.heartbeats().await?;
-    let pub0 = load.counters.published();
-    let m0 = service.metrics().await.ok();
-    let cpu0 = CpuSample::take(service.pid);
-    let window_end = cpu0.at + cfg.duration;
-    let window_stop = CancellationToken::new();
-    let n_loaded = cfg.loaded_sos().min(loaded_targets.len());
-    let (shots, ()) = tokio::join!(
-        injector.run(&loaded_targets[..n_loaded], cfg.sos_rate, &window_stop),
-        async {
-            watch(&load, gateway, cpu0.at, cfg.duration, "window", p).await;
-            tokio::time::sleep_until(window_end).await;
-            window_stop.cancel();
-        }
+    let lag = lag::LagTracker::start(
+        db::connect(db_url).await?,
+        cfg.lag_poll,
+        Duration::from_secs(120),
     );
-    let cpu1 = CpuSample::take(service.pid);
-    let pub1 = load.counters.published();
-    let c1 = bench_db.heartbeats().await?;
-    let m1 = service.metrics().await.ok();
-    let window = cpu1.at - cpu0.at;
-    let not_offered = load.overflow();
-    let counters = load.counters.clone();
-    load.stop(Duration::from_secs(30)).await;
-    p.say("load stopped; waiting for SMS and commits".into());
+    let rates = cfg.step_rates();
+    let load = Load::start(
+        LoadSettings {
+            broker: broker.clone(),
+            devices: provision::load_ids(cfg.devices),
+            connections: cfg.connections,
+            rate: rates[0],
+            seed: cfg.seed,
+            client_prefix: format!("bench-hb-{tag}"),
+            markers_per_s: cfg.markers_per_s,
+        },
+        Some(lag.tx.clone()),
+    )
+    .await?;
+    let ticks = service::clock_ticks_per_s();
+    let pct = |a: Option<u64>, b: Option<u64>, w: Duration| match (a, b) {
+        (Some(a), Some(b)) => Some(stats::cpu_percent(a, b, ticks, w)),
+        _ => None,
+    };
+    let mut all_loaded: Vec<Outcome> = Vec::new();
+    let mut next_target = 0usize;
+    let mut committed_before = 0u64;
+    let mut published_before = 0u64;
+    let mut first_window: Option<(CpuSample, CpuSample, Option<String>, Option<String>)> = None;
+    let mut pub_in_windows = 0u64;
+    for (i, &rate) in rates.iter().enumerate() {
+        load.set_rate(rate);
+        let step_name = if rates.len() > 1 {
+            format!("step {}/{} ", i + 1, rates.len())
+        } else {
+            String::new()
+        };
+        p.say(format!(
+            "{step_name}load: {rate:.0} hb/s over {} connections; warm-up {:.0}s",
+            cfg.connections,
+            cfg.warmup.as_secs_f64()
+        ));
+        let step_started = Instant::now();
+        watch(
+            &load,
+            gateway,
+            service.pid,
+            step_started,
+            cfg.warmup,
+            "warm-up",
+            p,
+        )
+        .await;
 
-    let loaded = sos::collect(&shots, gateway, cfg.sos_timeout).await;
-    report.sos_loaded = SosSummary::of(&loaded);
+        // The measured window.
+        let pub0 = load.counters.published();
+        let ov0 = load.overflow();
+        let m0 = service.metrics().await.ok();
+        let cpu0 = CpuSample::take(service.pid);
+        let window_end = cpu0.at + cfg.duration;
+        let window_stop = CancellationToken::new();
+        let per_step = cfg.loaded_sos_per_step();
+        let end = (next_target + per_step).min(loaded_targets.len());
+        let (shots, rss_max) = tokio::join!(
+            injector.run(
+                &loaded_targets[next_target..end],
+                cfg.sos_rate,
+                &window_stop
+            ),
+            async {
+                let m = watch(
+                    &load,
+                    gateway,
+                    service.pid,
+                    cpu0.at,
+                    cfg.duration,
+                    "window",
+                    p,
+                )
+                .await;
+                tokio::time::sleep_until(window_end).await;
+                window_stop.cancel();
+                m
+            }
+        );
+        next_target += shots.len();
+        let cpu1 = CpuSample::take(service.pid);
+        let pub1 = load.counters.published();
+        let ov1 = load.overflow();
+        let m1 = service.metrics().await.ok();
+        let window = cpu1.at - cpu0.at;
+        pub_in_windows += pub1 - pub0;
+
+        // Pause, and wait until everything published so far is committed.
+        load.set_rate(0.0);
+        let drain_started = Instant::now();
+        load.wait_acked(Duration::from_secs(30)).await;
+        let published = load.counters.published();
+        let committed = wait_committed(service, published, DRAIN_QUIET, cfg.drain_timeout).await;
+        let drain_s = drain_started.elapsed().as_secs_f64();
+        lag.wait_seen(window_end, Duration::from_secs(5)).await;
+        let outcomes = sos::collect(&shots, gateway, cfg.sos_timeout).await;
+        let secs = window.as_secs_f64();
+        let committed_in_window = match (&m0, &m1) {
+            (Some(a), Some(b)) => committed_metric(b).saturating_sub(committed_metric(a)),
+            _ => 0,
+        };
+        let rejects = match (&m0, &m1) {
+            (Some(a), Some(b)) => rejected_metric(b).saturating_sub(rejected_metric(a)),
+            _ => 0,
+        };
+        let step_published = published - published_before;
+        let step_committed = committed.saturating_sub(committed_before);
+        let step = report::Step {
+            offered_per_s: rate,
+            window_s: secs,
+            published_per_s: (pub1 - pub0) as f64 / secs,
+            committed_per_s: committed_in_window as f64 / secs,
+            not_offered: ov1.saturating_sub(ov0),
+            published: step_published,
+            committed: step_committed,
+            lost: step_published.saturating_sub(step_committed),
+            rejects,
+            drained: committed >= published,
+            drain_s,
+            lag: lag.summary(cpu0.at, window_end),
+            sos: SosSummary::of(&outcomes),
+            service_cpu_percent: pct(cpu0.service, cpu1.service, window),
+            service_rss_max_mib: rss_max.map(|k| k as f64 / 1024.0),
+            bench_cpu_percent: pct(cpu0.bench, cpu1.bench, window),
+            machine_cpu_busy_percent: busy_percent(cpu0.machine, cpu1.machine),
+            service_metrics: match (&m0, &m1) {
+                (Some(a), Some(b)) => service_metrics(a, b),
+                _ => report::ServiceMetrics::default(),
+            },
+            sustained: false,
+        };
+        committed_before = committed;
+        published_before = published;
+        p.say(format!(
+            "{step_name}done: offered {rate:.0}/s, committed {:.0}/s, lag p50/p99 {}/{} ms, \
+             SOS p99 {} ms, silverguard CPU {}, lost {} (drained in {:.1}s)",
+            step.committed_per_s,
+            fmt_ms(step.lag.latency.p50_ms),
+            fmt_ms(step.lag.latency.p99_ms),
+            fmt_ms(step.sos.latency.p99_ms),
+            step.service_cpu_percent
+                .map_or("-".into(), |c| format!("{c:.0} %")),
+            step.lost,
+            drain_s
+        ));
+        let saturated = step.committed_per_s < 0.9 * rate || !step.drained;
+        all_loaded.extend(outcomes);
+        if first_window.is_none() {
+            first_window = Some((cpu0, cpu1, m0, m1));
+        }
+        report.steps.push(step);
+        if saturated && i + 1 < rates.len() {
+            p.say(format!(
+                "{step_name}the service did not keep up; the remaining steps would only \
+                 measure its backlog, so the ramp stops here"
+            ));
+            break;
+        }
+    }
+    let counters = load.counters.clone();
+    let not_offered = load.overflow();
+    load.stop(Duration::from_secs(30)).await;
+    p.say("load stopped; counting what was committed".into());
+
+    report.sos_loaded = SosSummary::of(&all_loaded);
     let published = counters.published();
     let committed = bench_db
-        .wait_heartbeats_settled(published, Duration::from_secs(3), cfg.drain_timeout)
+        .wait_heartbeats_settled(published, DRAIN_QUIET, cfg.drain_timeout)
         .await?;
+    lag.stop().await;
     let traces = bench_db.sos_traces().await.unwrap_or_default();
     report.sos_samples_idle = samples(&idle, &traces);
-    report.sos_samples_loaded = samples(&loaded, &traces);
+    report.sos_samples_loaded = samples(&all_loaded, &traces);
     report.sos_loaded_stages = stages(&report.sos_samples_loaded);
+    report.storage = bench_db.storage(committed).await;
     let (hwm, rss) = service::process_memory_kib(service.pid);
     let service_alive = service.running();
     injector.close().await;
 
-    let secs = window.as_secs_f64();
+    // The top-level figures: the whole run, and the window(s).
+    let best = report
+        .steps
+        .iter()
+        .max_by(|a, b| a.committed_per_s.total_cmp(&b.committed_per_s))
+        .cloned()
+        .unwrap_or_default();
     report.heartbeats = report::Heartbeats {
-        offered_rate_per_s: cfg.rate,
+        offered_rate_per_s: best.offered_per_s,
         published,
         acked: counters.acked().min(published),
         committed,
         lost: published.saturating_sub(committed),
         not_offered,
-        window_s: secs,
-        published_in_window: pub1.saturating_sub(pub0),
-        published_per_s: pub1.saturating_sub(pub0) as f64 / secs,
-        committed_in_window: c1.saturating_sub(c0),
-        committed_per_s: c1.saturating_sub(c0) as f64 / secs,
+        window_s: best.window_s,
+        published_in_window: pub_in_windows,
+        published_per_s: best.published_per_s,
+        committed_in_window: (best.committed_per_s * best.window_s).round() as u64,
+        committed_per_s: best.committed_per_s,
         publish_errors: counters
             .publish_errors
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -587,23 +890,33 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
         (Some(l), Some(i)) if i > 0.0 => Some(l / i),
         _ => None,
     };
-    let ticks = service::clock_ticks_per_s();
-    let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) => Some(stats::cpu_percent(a, b, ticks, window)),
-        _ => None,
-    };
+    let (cpu0, cpu1, m0, m1) = first_window.unwrap_or((
+        CpuSample::take(service.pid),
+        CpuSample::take(service.pid),
+        None,
+        None,
+    ));
+    let w = cpu1.at - cpu0.at;
     report.usage = report::Usage {
-        service_cpu_percent: pct(cpu0.service, cpu1.service),
+        service_cpu_percent: best
+            .service_cpu_percent
+            .or(pct(cpu0.service, cpu1.service, w)),
         service_peak_rss_mib: hwm.map(|k| k as f64 / 1024.0),
         service_rss_end_mib: rss.map(|k| k as f64 / 1024.0),
-        bench_cpu_percent: pct(cpu0.bench, cpu1.bench),
-        machine_cpu_busy_percent: busy_percent(cpu0.machine, cpu1.machine),
+        bench_cpu_percent: best.bench_cpu_percent.or(pct(cpu0.bench, cpu1.bench, w)),
+        machine_cpu_busy_percent: best
+            .machine_cpu_busy_percent
+            .or(busy_percent(cpu0.machine, cpu1.machine)),
         machine_cpu_busy_before_load_percent: machine_before_load,
         service_log: String::new(),
     };
-    if let (Some(m0), Some(m1)) = (&m0, &m1) {
-        report.service_metrics = service_metrics(m0, m1);
-    }
+    report.service_metrics = if rates.len() > 1 {
+        best.service_metrics.clone()
+    } else if let (Some(m0), Some(m1)) = (&m0, &m1) {
+        service_metrics(m0, m1)
+    } else {
+        report::ServiceMetrics::default()
+    };
     let expected: std::collections::HashSet<String> =
         targets.iter().map(|t| t.phone.clone()).collect();
     report.sms = gateway.tally(&|phone| expected.contains(phone));
@@ -616,17 +929,61 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
     Ok(report)
 }
 
-/// Prints a progress line every second for `span` from `from` (unless quiet).
+/// `silverguard_ingest_committed_total{kind="heartbeat"}` of a scrape.
+fn committed_metric(text: &str) -> u64 {
+    stats::scalar(
+        text,
+        "silverguard_ingest_committed_total",
+        &[("kind", "heartbeat")],
+    )
+    .unwrap_or(0.0) as u64
+}
+
+/// All rejects of a scrape, every reason.
+fn rejected_metric(text: &str) -> u64 {
+    stats::scalar(text, "silverguard_ingest_rejected_total", &[]).unwrap_or(0.0) as u64
+}
+
+/// A drain gives up when the committed count has not grown for this long. Long enough to
+/// outlast a broker snapshot stall (a Mosquitto holding a large queue for the service stops
+/// for seconds at each `autosave_interval`; docs/performance.md, issue 3 finding 1).
+const DRAIN_QUIET: Duration = Duration::from_secs(15);
+
+/// Polls the service's committed-heartbeat counter (cheap, unlike `count(*)` over millions of
+/// rows) until it reaches `expected` or has not grown for `quiet`, at most `limit` in all.
+async fn wait_committed(service: &Service, expected: u64, quiet: Duration, limit: Duration) -> u64 {
+    let start = Instant::now();
+    let mut last = 0u64;
+    let mut last_change = Instant::now();
+    loop {
+        if let Ok(m) = service.metrics().await {
+            let n = committed_metric(&m);
+            if n != last {
+                last = n;
+                last_change = Instant::now();
+            }
+        }
+        if last >= expected || start.elapsed() >= limit || last_change.elapsed() >= quiet {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prints a progress line every second for `span` from `from` (unless quiet), and samples
+/// the service's resident memory each time; returns the largest sample (KiB).
 async fn watch(
     load: &Load,
     gateway: &SmsGateway,
+    pid: u32,
     from: Instant,
     span: Duration,
     phase: &str,
     p: &Progress,
-) {
+) -> Option<u64> {
     let end = from + span;
     let mut last = (Instant::now(), load.counters.published());
+    let mut rss_max = service::process_memory_kib(pid).1;
     while Instant::now() + Duration::from_millis(1) < end {
         let next = (Instant::now() + Duration::from_secs(1)).min(end);
         tokio::time::sleep_until(next).await;
@@ -634,13 +991,17 @@ async fn watch(
         let published = load.counters.published();
         let rate = (published - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-3);
         last = (now, published);
+        let rss = service::process_memory_kib(pid).1;
+        rss_max = rss_max.max(rss);
         p.say(format!(
-            "[{phase} {:>4.0}s] hb published {published} ({rate:.0}/s) acked {} | SMS {}",
+            "[{phase} {:>4.0}s] hb published {published} ({rate:.0}/s) acked {} | SMS {} | RSS {} MiB",
             (now - from).as_secs_f64(),
             load.counters.acked(),
-            gateway.accepted()
+            gateway.accepted(),
+            rss.map_or("?".into(), |k| (k / 1024).to_string())
         ));
     }
+    rss_max
 }
 
 /// Share of all cores busy between two `/proc/stat` readings.

@@ -5,7 +5,10 @@
 use serde::Serialize;
 use std::fmt::Write as _;
 
+use super::baselines::Baselines;
+use super::db::Storage;
 use super::gateway::GatewayTally;
+use super::lag::LagSummary;
 use super::sos::SosSummary;
 use super::stats::{Histogram, LatencySummary};
 
@@ -31,6 +34,8 @@ pub struct Machine {
 pub struct Settings {
     pub smoke: bool,
     pub offered_rate_per_s: f64,
+    /// The ramp's offered rates (empty: one step at `offered_rate_per_s`).
+    pub steps_per_s: Vec<f64>,
     pub devices: usize,
     pub connections: usize,
     pub warmup_s: f64,
@@ -39,11 +44,15 @@ pub struct Settings {
     pub idle_sos: usize,
     pub sos_devices: usize,
     pub sos_timeout_s: f64,
+    pub markers_per_s: f64,
+    pub lag_poll_ms: f64,
     pub seed: u64,
     pub database: String,
     pub kept_database: bool,
     /// Extra service settings given with `--service-env`.
     pub service_env: Vec<String>,
+    /// SQL applied to the database before the service started (`--db-sql`).
+    pub db_sql: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -142,6 +151,68 @@ pub struct Usage {
     pub service_log: String,
 }
 
+/// One step of the offered load: warm-up, measured window, then a pause until everything
+/// published is committed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Step {
+    pub offered_per_s: f64,
+    pub window_s: f64,
+    /// Published by the bench in the window (below `offered` when the bench fell behind).
+    pub published_per_s: f64,
+    /// Committed by the service in the window (its own counter, rows inserted): sustained.
+    pub committed_per_s: f64,
+    pub not_offered: u64,
+    /// Whole step (warm-up, window, drain).
+    pub published: u64,
+    pub committed: u64,
+    /// published − committed once drained (0 on a correct run).
+    pub lost: u64,
+    /// Messages the service rejected during the window (0 expected: the load is valid).
+    pub rejects: u64,
+    /// Everything published was committed before the next step.
+    pub drained: bool,
+    pub drain_s: f64,
+    /// Publish → committed, of the markers published in the window.
+    pub lag: LagSummary,
+    /// SOS publish → SMS accepted, in the window.
+    pub sos: SosSummary,
+    pub service_cpu_percent: Option<f64>,
+    /// Largest resident set seen during the window (sampled every second).
+    pub service_rss_max_mib: Option<f64>,
+    pub bench_cpu_percent: Option<f64>,
+    pub machine_cpu_busy_percent: Option<f64>,
+    pub service_metrics: ServiceMetrics,
+    /// Committed ≥ 98 % of offered, drained, lag p99 under 2 s, nothing lost.
+    pub sustained: bool,
+}
+
+/// Silverguard against the limits measured in the same run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ratios {
+    /// The highest committed rate of any window.
+    pub silverguard_per_s: f64,
+    pub vs_broker: Option<f64>,
+    pub vs_copy: Option<f64>,
+    pub vs_naive: Option<f64>,
+    /// Against the slower of the broker and COPY limits (issue 5: ≥ 0.8).
+    pub vs_slower_limit: Option<f64>,
+}
+
+/// Issue 5's targets that one run can judge (`None`: this run does not show it).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Targets5 {
+    /// ≥ 20,000 hb/s committed over a window of ≥ 5 min, nothing lost.
+    pub sustained_20k_5min: Option<bool>,
+    /// ≥ 80 % of the slower of broker and COPY.
+    pub ratio_80_percent: Option<bool>,
+    /// The step nearest 80 % of the highest sustained rate, its SOS p99 ≤ 500 ms.
+    pub sos_p99_at_80_percent_load: Option<bool>,
+    pub sos_p99_at_80_percent_load_ms: Option<f64>,
+    pub sos_p99_at_80_percent_load_rate: Option<f64>,
+    /// Peak RSS ≤ 256 MiB with ≥ 100k devices.
+    pub rss_256mib_100k_devices: Option<bool>,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Target {
     pub p99_limit_ms: f64,
@@ -173,7 +244,14 @@ pub struct BenchReport {
     pub usage: Usage,
     pub service_metrics: ServiceMetrics,
     pub sms: GatewayTally,
+    /// The ramp, one entry per step (one entry without a ramp).
+    pub steps: Vec<Step>,
+    pub baselines: Baselines,
+    pub ratios: Ratios,
+    /// Bytes per committed heartbeat on disk, indexes included.
+    pub storage: Option<Storage>,
     pub target: Target,
+    pub targets5: Targets5,
     /// Why the run failed (lost SOS, lost heartbeats); empty when it passed.
     pub failures: Vec<String>,
     pub passed: bool,
@@ -182,6 +260,7 @@ pub struct BenchReport {
 impl BenchReport {
     /// Fills `target`, `failures` and `passed` from the measurements.
     pub fn judge(&mut self) {
+        self.judge_steps();
         let hb = &self.heartbeats;
         let rate_met = self.settings.offered_rate_per_s >= TARGET_RATE
             && hb.committed_per_s >= TARGET_RATE * 0.99;
@@ -219,6 +298,77 @@ impl BenchReport {
         self.failures = f;
     }
 
+    /// Marks sustained steps, computes the ratios and issue 5's targets.
+    fn judge_steps(&mut self) {
+        for s in &mut self.steps {
+            s.sustained = s.committed_per_s >= 0.98 * s.offered_per_s
+                && s.drained
+                && s.lost == 0
+                && s.lag.latency.p99_ms.is_some_and(|p| p <= 2000.0);
+        }
+        let best = self
+            .steps
+            .iter()
+            .map(|s| s.committed_per_s)
+            .fold(0.0, f64::max);
+        let b = &self.baselines;
+        let ratio = |limit: Option<f64>| limit.filter(|l| *l > 0.0).map(|l| best / l);
+        let broker = b.broker.as_ref().map(|x| x.received_per_s);
+        let copy = b.copy.as_ref().map(|x| x.rows_per_s);
+        let slower = match (broker, copy) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        };
+        self.ratios = Ratios {
+            silverguard_per_s: best,
+            vs_broker: ratio(broker),
+            vs_copy: ratio(copy),
+            vs_naive: ratio(b.naive.as_ref().map(|x| x.committed_per_s)),
+            vs_slower_limit: ratio(slower),
+        };
+        let mut t = Targets5 {
+            ratio_80_percent: self.ratios.vs_slower_limit.map(|r| r >= 0.8),
+            ..Targets5::default()
+        };
+        let long = self.steps.iter().filter(|s| s.window_s >= 299.0);
+        if long.clone().count() > 0 {
+            t.sustained_20k_5min = Some(
+                long.into_iter()
+                    .any(|s| s.committed_per_s >= 20_000.0 * 0.99 && s.lost == 0 && s.drained)
+                    && self.heartbeats.lost == 0,
+            );
+        }
+        let max_sustained = self
+            .steps
+            .iter()
+            .filter(|s| s.sustained)
+            .map(|s| s.committed_per_s)
+            .fold(0.0, f64::max);
+        if self.steps.len() > 1 && max_sustained > 0.0 {
+            let goal = 0.8 * max_sustained;
+            if let Some(s) = self
+                .steps
+                .iter()
+                .filter(|s| s.sos.published > 0)
+                .min_by(|a, b| {
+                    (a.offered_per_s - goal)
+                        .abs()
+                        .total_cmp(&(b.offered_per_s - goal).abs())
+                })
+            {
+                t.sos_p99_at_80_percent_load_ms = s.sos.latency.p99_ms;
+                t.sos_p99_at_80_percent_load_rate = Some(s.offered_per_s);
+                t.sos_p99_at_80_percent_load = Some(
+                    s.sos.lost == 0 && s.sos.latency.p99_ms.is_some_and(|p| p <= TARGET_P99_MS),
+                );
+            }
+        }
+        if self.settings.devices >= 100_000 {
+            t.rss_256mib_100k_devices = self.usage.service_peak_rss_mib.map(|m| m <= 256.0);
+        }
+        self.targets5 = t;
+    }
+
     /// The human table.
     pub fn table(&self) -> String {
         // Rounded to whole ms; a stage of -0.3 ms (clock granularity) prints as 0.
@@ -232,14 +382,19 @@ impl BenchReport {
         let h = &self.heartbeats;
         let s = &self.settings;
         let mut o = String::new();
+        let offered = if s.steps_per_s.is_empty() {
+            format!("{:.0} hb/s offered", s.offered_rate_per_s)
+        } else {
+            let r: Vec<String> = s.steps_per_s.iter().map(|r| format!("{r:.0}")).collect();
+            format!("ramp {} hb/s, each step", r.join(", "))
+        };
         let _ = writeln!(
             o,
-            "bracelet-sim bench{}: {} devices over {} connections, {:.0} hb/s offered, \
+            "bracelet-sim bench{}: {} devices over {} connections, {offered}, \
              {:.0}s warm-up + {:.0}s measured, SOS {}/s",
             if s.smoke { " (smoke)" } else { "" },
             s.devices,
             s.connections,
-            s.offered_rate_per_s,
             s.warmup_s,
             s.duration_s,
             s.sos_rate_per_s
@@ -301,6 +456,51 @@ impl BenchReport {
                 "reconnects / publish errors",
                 format!("{} / {}", h.reconnects, h.publish_errors),
             );
+        }
+        if let [one] = self.steps.as_slice() {
+            row(
+                &mut o,
+                "ingest lag publish -> committed",
+                format!(
+                    "p50 {} / p99 {} / max {} ms ({} markers, {} unseen, {:.0} ms polls \
+                     taking p99 {} ms)",
+                    ms(one.lag.latency.p50_ms),
+                    ms(one.lag.latency.p99_ms),
+                    ms(one.lag.latency.max_ms),
+                    one.lag.markers,
+                    one.lag.unseen,
+                    one.lag.poll_ms,
+                    ms(one.lag.poll_query.p99_ms)
+                ),
+            );
+            row(&mut o, "rejected (window)", one.rejects.to_string());
+        }
+        if self.steps.len() > 1 {
+            let _ = writeln!(o);
+            let _ = writeln!(
+                o,
+                "ramp    offered  published  committed  lag p50/p99 ms  SOS p50/p99 ms  \
+                 sg CPU  sg RSS  machine  lost  rejects  sustained"
+            );
+            for st in &self.steps {
+                let _ = writeln!(
+                    o,
+                    "  {:>11.0} {:>10.0} {:>10.0} {:>7}/{:<7} {:>7}/{:<7} {:>6} {:>7} {:>8} {:>5} {:>8}  {}",
+                    st.offered_per_s,
+                    st.published_per_s,
+                    st.committed_per_s,
+                    ms(st.lag.latency.p50_ms),
+                    ms(st.lag.latency.p99_ms),
+                    ms(st.sos.latency.p50_ms),
+                    ms(st.sos.latency.p99_ms),
+                    pct(st.service_cpu_percent),
+                    mib(st.service_rss_max_mib),
+                    pct(st.machine_cpu_busy_percent),
+                    st.lost,
+                    st.rejects,
+                    if st.sustained { "yes" } else { "no" }
+                );
+            }
         }
         let _ = writeln!(o);
         let _ = writeln!(
@@ -403,6 +603,111 @@ impl BenchReport {
             );
         }
         let _ = writeln!(o);
+        let b = &self.baselines;
+        if b.broker.is_some() || b.copy.is_some() || b.naive.is_some() || !b.skipped.is_empty() {
+            let _ = writeln!(
+                o,
+                "limits measured in this run            rate/s   silverguard ratio"
+            );
+            let r = &self.ratios;
+            let ratio =
+                |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.0} %", v * 100.0));
+            if let Some(x) = &b.broker {
+                let _ = writeln!(
+                    o,
+                    "  broker pass-through (bare subscriber) {:>8.0}   {}   (bench published {:.0}/s)",
+                    x.received_per_s,
+                    ratio(r.vs_broker),
+                    x.published_per_s
+                );
+            }
+            if let Some(x) = &b.copy {
+                let _ = writeln!(
+                    o,
+                    "  PostgreSQL psql \\copy ({} rows)    {:>8.0}   {}",
+                    x.rows,
+                    x.rows_per_s,
+                    ratio(r.vs_copy)
+                );
+            }
+            if let Some(x) = &b.naive {
+                let _ = writeln!(
+                    o,
+                    "  naive bridge (INSERT per message)     {:>8.0}   {}",
+                    x.committed_per_s,
+                    ratio(r.vs_naive)
+                );
+            }
+            for sk in &b.skipped {
+                let _ = writeln!(o, "  skipped: {sk}");
+            }
+            row(
+                &mut o,
+                "silverguard, best window",
+                format!(
+                    "{:.0}/s = {} of the slower of broker and COPY",
+                    r.silverguard_per_s,
+                    ratio(r.vs_slower_limit)
+                ),
+            );
+        }
+        if let Some(st) = &self.storage {
+            row(
+                &mut o,
+                "storage per heartbeat",
+                format!(
+                    "{} bytes ({} rows, {:.1} MiB with indexes)",
+                    st.bytes_per_row.map_or("-".into(), |v| format!("{v:.0}")),
+                    st.rows,
+                    st.bytes as f64 / 1_048_576.0
+                ),
+            );
+        }
+        if let Some(c) = self.baselines.copy.as_ref().and_then(|c| c.bytes_per_row) {
+            row(
+                &mut o,
+                "storage per row, COPY baseline",
+                format!("{c:.0} bytes"),
+            );
+        }
+        let t5 = &self.targets5;
+        let yn = |v: Option<bool>| match v {
+            Some(true) => "met",
+            Some(false) => "NOT MET",
+            None => "not shown by this run",
+        };
+        let _ = writeln!(o);
+        let _ = writeln!(o, "targets (issue 5)");
+        row(
+            &mut o,
+            ">= 20,000 hb/s for 5 min, no loss",
+            yn(t5.sustained_20k_5min).into(),
+        );
+        row(
+            &mut o,
+            ">= 80 % of the slower limit",
+            yn(t5.ratio_80_percent).into(),
+        );
+        row(
+            &mut o,
+            "SOS p99 <= 500 ms at 80 % load",
+            format!(
+                "{}{}",
+                yn(t5.sos_p99_at_80_percent_load),
+                match (
+                    t5.sos_p99_at_80_percent_load_ms,
+                    t5.sos_p99_at_80_percent_load_rate
+                ) {
+                    (Some(p), Some(r)) => format!(" ({p:.0} ms at {r:.0} hb/s)"),
+                    _ => String::new(),
+                }
+            ),
+        );
+        row(
+            &mut o,
+            "RSS <= 256 MiB, >= 100k devices",
+            yn(t5.rss_256mib_100k_devices).into(),
+        );
         let t = &self.target;
         let verdict = if self.settings.smoke {
             // The smoke run checks loss, not speed.
