@@ -14,6 +14,8 @@ command -v mosquitto_pub >/dev/null || apt_install mosquitto-clients
 ensure_smtp_tools
 # The console's browser test drives headless Chromium through chromedriver.
 ensure_chromium
+# The HTTPS test runs nginx from deploy/nginx-silverguard.conf in front of the service.
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || apt_install nginx
 
 export SILVERGUARD_TEST_PG_BASE="$SILVERGUARD_PG_BASE"
 

@@ -175,6 +175,7 @@ impl Application {
             link_secret,
             login_limiter: std::sync::Arc::new(crate::api::auth::LoginLimiter::default()),
             cookie_secure: settings.http.cookie_secure,
+            trusted_proxies: std::sync::Arc::new(settings.http.trusted_proxies.clone()),
             live: live.clone(),
             broker_admin,
         });

@@ -231,6 +231,39 @@ pub struct HttpSettings {
     /// Mark session cookies `Secure`. Set it when the console is reached over HTTPS (directly
     /// or through a TLS-terminating proxy); browsers then never send the cookie in clear.
     pub cookie_secure: bool,
+    /// Addresses of reverse proxies in front of this service (e.g. `["127.0.0.1"]` for nginx
+    /// on the same host). Only from these is `X-Forwarded-For` believed, to find the client
+    /// address that keys the login rate limit; from anyone else it is ignored, so a client
+    /// cannot dodge the limit by sending the header itself.
+    #[serde(deserialize_with = "ip_list")]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+/// A list of IP addresses from TOML (`["127.0.0.1", "::1"]`) or from an environment
+/// variable, where a list can only be a string (`127.0.0.1,::1`).
+fn ip_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<std::net::IpAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        Joined(String),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::Joined(s) => s.split(',').map(str::to_string).collect(),
+    };
+    items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse().map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "http.trusted_proxies: {s:?} is not an IP address (list addresses, not names or networks)"
+                ))
+            })
+        })
+        .collect()
 }
 
 impl Default for HttpSettings {
@@ -238,6 +271,7 @@ impl Default for HttpSettings {
         HttpSettings {
             addr: "127.0.0.1:8080".into(),
             cookie_secure: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -565,6 +599,38 @@ mod tests {
         assert_eq!(s.ingest.batch_max_rows, 77);
         assert_eq!(s.ingest.writers, 3);
         assert_eq!(s.ingest.batch_max_delay, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn trusted_proxies_from_toml_or_a_comma_separated_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sg.toml");
+        std::fs::write(
+            &path,
+            "[http]\ntrusted_proxies = [\"127.0.0.1\", \"::1\"]\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(s.http.trusted_proxies.len(), 2);
+        let s = Settings::load_from(
+            None,
+            env(&[("SILVERGUARD_HTTP__TRUSTED_PROXIES", "10.0.0.1, 10.0.0.2")]),
+        )
+        .unwrap();
+        assert_eq!(
+            s.http.trusted_proxies,
+            [
+                "10.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "10.0.0.2".parse().unwrap()
+            ]
+        );
+        let err = Settings::load_from(
+            None,
+            env(&[("SILVERGUARD_HTTP__TRUSTED_PROXIES", "proxy.local")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("proxy.local"), "{err}");
     }
 
     #[test]

@@ -409,6 +409,39 @@ fn principal_from_row(r: &tokio_postgres::Row, via: AuthVia) -> Option<Principal
     })
 }
 
+/// The client's address, which keys the login rate limit. Behind a reverse proxy every
+/// request comes from the proxy, so when the peer is one of `trusted` proxies the address is
+/// taken from `X-Forwarded-For`: the right-most entry that is not itself a trusted proxy
+/// (entries further left were written by the client and prove nothing).
+pub fn client_addr(
+    peer: Option<std::net::SocketAddr>,
+    headers: &axum::http::HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> String {
+    let Some(peer) = peer.map(|p| p.ip()) else {
+        return "unknown".into();
+    };
+    if !trusted.contains(&peer) {
+        return peer.to_string();
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in forwarded.iter().rev() {
+        match hop.parse::<std::net::IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => continue,
+            Ok(ip) => return ip.to_string(),
+            // Garbage where an address should be: stop believing the header here.
+            Err(_) => break,
+        }
+    }
+    peer.to_string()
+}
+
 /// Checks a username and password; `client` (the peer address) keys the rate limit.
 pub async fn login(
     pool: &Pool,
@@ -420,6 +453,12 @@ pub async fn login(
     if let Some(retry_after_s) = limiter.blocked_for(username, client) {
         tracing::warn!(username, client, "login refused: rate limited");
         return Err(LoginError::RateLimited { retry_after_s });
+    }
+    // No username holds a NUL (users.username is checked), and the database cannot compare
+    // one: a wrong login, not a failure.
+    if username.contains('\0') {
+        limiter.failed(username, client);
+        return Err(LoginError::Rejected);
     }
     let db = pool.get().await.map_err(|e| LoginError::Failed(e.into()))?;
     let row = db
@@ -864,6 +903,41 @@ pub async fn set_disabled(pool: &Pool, username: &str, disabled: bool) -> Result
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn client_addr_believes_forwarded_for_only_from_trusted_proxies() {
+        use axum::http::HeaderMap;
+        let proxy: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "6.6.6.6, 203.0.113.7".parse().unwrap());
+        let from = |ip: &str| Some(std::net::SocketAddr::new(ip.parse().unwrap(), 4000));
+        // Not behind a proxy: the header is the client's own claim.
+        assert_eq!(
+            super::client_addr(from("198.51.100.1"), &h, &[proxy]),
+            "198.51.100.1"
+        );
+        assert_eq!(super::client_addr(from("127.0.0.1"), &h, &[]), "127.0.0.1");
+        // Behind the proxy: the address the proxy saw, not what the client wrote before it.
+        assert_eq!(
+            super::client_addr(from("127.0.0.1"), &h, &[proxy]),
+            "203.0.113.7"
+        );
+        // Chained trusted proxies are skipped.
+        let mut h2 = HeaderMap::new();
+        h2.append("x-forwarded-for", "203.0.113.7, 127.0.0.1".parse().unwrap());
+        assert_eq!(
+            super::client_addr(from("127.0.0.1"), &h2, &[proxy]),
+            "203.0.113.7"
+        );
+        // Garbage: fall back to the proxy itself (one bucket, still limited).
+        let mut h3 = HeaderMap::new();
+        h3.append("x-forwarded-for", "not-an-ip".parse().unwrap());
+        assert_eq!(
+            super::client_addr(from("127.0.0.1"), &h3, &[proxy]),
+            "127.0.0.1"
+        );
+        assert_eq!(super::client_addr(None, &h, &[proxy]), "unknown");
+    }
+
     use super::*;
 
     #[test]

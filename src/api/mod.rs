@@ -32,6 +32,8 @@ pub struct ApiState {
     pub login_limiter: Arc<auth::LoginLimiter>,
     /// Mark cookies `Secure` (the console is served over HTTPS, directly or by a proxy).
     pub cookie_secure: bool,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (see [`auth::client_addr`]).
+    pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
     /// The broker's dynamic-security admin, when configured (device credentials).
     pub broker_admin: Option<Arc<crate::store::credentials::BrokerAdmin>>,
     /// The console's live board feed (one LISTEN per process, fanned out to SSE streams).

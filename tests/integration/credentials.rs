@@ -19,9 +19,12 @@ use crate::helpers::*;
 const ADMIN_USER: &str = "sg-admin";
 
 /// A private Mosquitto from deploy/mosquitto-secure.conf, its dynamic-security file made
-/// by deploy/dynsec-init.sh.
-struct SecureBroker {
+/// by deploy/dynsec-init.sh and its TLS certificates by deploy/make-certs.sh.
+pub(crate) struct SecureBroker {
+    /// The plain loopback listener (the service and the admin tools).
     port: u16,
+    /// The TLS listener (devices).
+    tls_port: u16,
     admin_password: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -47,13 +50,37 @@ impl SecureBroker {
             "dynsec-init.sh failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let certs = dir.path().join("certs");
+        let out = Command::new("bash")
+            .arg(root.join("deploy/make-certs.sh"))
+            .arg(&certs)
+            .args(["localhost", "127.0.0.1"])
+            .output()
+            .expect("run deploy/make-certs.sh");
+        assert!(
+            out.status.success(),
+            "make-certs.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = free_port();
-        let conf: String = std::fs::read_to_string(root.join("deploy/mosquitto-secure.conf"))
-            .expect("deploy/mosquitto-secure.conf")
+        let tls_port = free_port();
+        let conf_text = std::fs::read_to_string(root.join("deploy/mosquitto-secure.conf"))
+            .expect("deploy/mosquitto-secure.conf");
+        assert!(
+            conf_text.contains("listener 1883 127.0.0.1") && conf_text.contains("listener 8883"),
+            "deploy/mosquitto-secure.conf: loopback 1883 and TLS 8883 listeners"
+        );
+        let conf: String = conf_text
             .lines()
             .map(|l| {
-                if l.starts_with("listener ") {
+                if l.starts_with("listener 1883") {
                     format!("listener {port} 127.0.0.1")
+                } else if l.starts_with("listener 8883") {
+                    format!("listener {tls_port} 127.0.0.1")
+                } else if l.starts_with("certfile ") {
+                    format!("certfile {}", certs.join("server.crt").display())
+                } else if l.starts_with("keyfile ") {
+                    format!("keyfile {}", certs.join("server.key").display())
                 } else if l.starts_with("persistence_location") {
                     format!("persistence_location {}/", dir.path().display())
                 } else if l.starts_with("plugin_opt_config_file") {
@@ -84,11 +111,15 @@ impl SecureBroker {
                 tokio::net::TcpStream::connect(("127.0.0.1", port))
                     .await
                     .is_ok()
+                    && tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+                        .await
+                        .is_ok()
             },
         )
         .await;
         SecureBroker {
             port,
+            tls_port,
             admin_password,
             dir,
             child: Some(child),
@@ -97,6 +128,14 @@ impl SecureBroker {
 
     fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn tls_url(&self) -> String {
+        format!("mqtts://localhost:{}", self.tls_port)
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("certs/ca.crt")
     }
 
     fn admin(&self) -> BrokerAdmin {
@@ -138,11 +177,26 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(port: u16, client_id: &str, user: &str, password: &str) -> Conn {
-        let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    /// `tls_ca`: connect over TLS to `localhost`, trusting only that CA (PEM).
+    fn open_via(
+        port: u16,
+        tls_ca: Option<Vec<u8>>,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> Conn {
+        let host = if tls_ca.is_some() {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        let mut opts = MqttOptions::new(client_id, host, port);
         opts.set_credentials(user, password);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_session(true);
+        if let Some(ca) = tls_ca {
+            opts.set_transport(rumqttc::Transport::tls(ca, None, None));
+        }
         let (client, mut events) = AsyncClient::new(opts, 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
@@ -192,7 +246,28 @@ impl Conn {
         user: &str,
         password: &str,
     ) -> Result<Conn, String> {
-        let mut c = Conn::open(port, client_id, user, password);
+        Conn::connect_via(port, None, client_id, user, password).await
+    }
+
+    /// Connects over TLS to the broker's device listener, trusting its CA.
+    async fn connect_tls(
+        broker: &SecureBroker,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<Conn, String> {
+        let ca = std::fs::read(broker.ca_file()).expect("read ca.crt");
+        Conn::connect_via(broker.tls_port, Some(ca), client_id, user, password).await
+    }
+
+    async fn connect_via(
+        port: u16,
+        tls_ca: Option<Vec<u8>>,
+        client_id: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<Conn, String> {
+        let mut c = Conn::open_via(port, tls_ca, client_id, user, password);
         match c.next("CONNACK", 10).await {
             Seen::Connected => Ok(c),
             Seen::Down(why) => Err(why),
@@ -327,7 +402,7 @@ async fn hb_count(db: &TestDb, device: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credentials_isolate_devices_and_follow_rotation_and_revocation() {
+async fn credentials_isolate_devices_over_tls_and_follow_rotation_and_revocation() {
     let db = TestDb::new().await;
     let broker = SecureBroker::start().await;
     let admin = broker.admin();
@@ -360,7 +435,11 @@ async fn credentials_isolate_devices_and_follow_rotation_and_revocation() {
     let (a, b) = ("861000000000011", "861000000000022");
     provision(&db, vec![a.into(), b.into()]).await;
     let pool = pool_of(&db).await;
-    let app = RunningApp::start(app_settings(&db, &broker, "silverguard", &service_password)).await;
+    // The service itself connects over TLS too (mqtts:// with the broker's CA).
+    let mut settings = app_settings(&db, &broker, "silverguard", &service_password);
+    settings.mqtt.url = broker.tls_url();
+    settings.mqtt.ca_file = Some(broker.ca_file().display().to_string());
+    let app = RunningApp::start(settings).await;
 
     // Unknown devices get nothing; provisioned ones get a fresh password each.
     let err = credentials::issue(&pool, &admin, "861000000000099")
@@ -403,12 +482,45 @@ async fn credentials_isolate_devices_and_follow_rotation_and_revocation() {
         "the service may read every device topic"
     );
 
-    let mut dev_a = Conn::connect(broker.port, &format!("sim-{a}"), a, &ca.password)
+    // Devices come in over TLS (the broker's 8883 listener), as in production.
+    let mut dev_a = Conn::connect_tls(&broker, &format!("sim-{a}"), a, &ca.password)
         .await
-        .expect("A logs in");
-    let mut dev_b = Conn::connect(broker.port, &format!("sim-{b}"), b, &cb.password)
+        .expect("A logs in over TLS");
+    let mut dev_b = Conn::connect_tls(&broker, &format!("sim-{b}"), b, &cb.password)
         .await
-        .expect("B logs in");
+        .expect("B logs in over TLS");
+    // Plain MQTT on the TLS port goes nowhere, and a client that does not trust the
+    // broker's CA refuses the broker.
+    assert!(
+        Conn::connect(broker.tls_port, &unique("plain-"), a, &ca.password)
+            .await
+            .is_err(),
+        "plain MQTT must not work on the TLS listener"
+    );
+    let other_ca = tempfile::tempdir().expect("tempdir");
+    let made = Command::new("bash")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/make-certs.sh"))
+        .arg(other_ca.path())
+        .arg("localhost")
+        .output()
+        .expect("make another CA");
+    assert!(made.status.success());
+    let wrong_ca = std::fs::read(other_ca.path().join("ca.crt")).expect("other ca.crt");
+    let refused = Conn::connect_via(
+        broker.tls_port,
+        Some(wrong_ca),
+        &unique("mitm-"),
+        a,
+        &ca.password,
+    )
+    .await;
+    assert!(
+        refused.as_ref().is_err_and(
+            |e| e.to_lowercase().contains("certificate") || e.to_lowercase().contains("tls")
+        ),
+        "a broker certificate from an unknown CA is refused: {:?}",
+        refused.as_ref().err()
+    );
 
     // A's own heartbeat is stored.
     dev_a

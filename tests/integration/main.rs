@@ -9,6 +9,7 @@ mod care;
 mod console;
 mod credentials;
 mod helpers;
+mod https;
 mod ingest;
 mod notify_channels;
 mod registry;

@@ -65,13 +65,6 @@ pub struct LoginForm {
     next: Option<String>,
 }
 
-/// The peer address keys the login rate limit (with the username).
-fn client_addr(connect: Option<&ConnectInfo<SocketAddr>>) -> String {
-    connect
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
 pub async fn submit(
     State(state): State<Arc<ApiState>>,
     connect: Option<axum::extract::Extension<ConnectInfo<SocketAddr>>>,
@@ -80,7 +73,11 @@ pub async fn submit(
     Form(f): Form<LoginForm>,
 ) -> PageResult {
     let lang = lang_of(&headers, &uri);
-    let client = client_addr(connect.as_ref().map(|e| &e.0));
+    let client = auth::client_addr(
+        connect.as_ref().map(|e| e.0 .0),
+        &headers,
+        &state.trusted_proxies,
+    );
     let username = f.username.trim().to_string();
     let next = safe_next(f.next.as_deref());
     let fail = |status: StatusCode, message: String| -> PageResult {

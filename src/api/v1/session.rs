@@ -103,12 +103,6 @@ async fn me_of(state: &ApiState, p: &Principal) -> ApiResult<Me> {
     })
 }
 
-fn client_addr(connect: Option<&ConnectInfo<SocketAddr>>) -> String {
-    connect
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// Log in with a username and password and get an API token.
 ///
 /// Failed logins are counted per username and client address: after 5 within 15 minutes
@@ -129,6 +123,7 @@ fn client_addr(connect: Option<&ConnectInfo<SocketAddr>>) -> String {
 pub async fn create_token(
     State(state): State<Arc<ApiState>>,
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<TokenRequest>,
 ) -> Result<Response, Problem> {
     let days = req.ttl_days.unwrap_or(DEFAULT_TOKEN_DAYS);
@@ -148,7 +143,11 @@ pub async fn create_token(
     if req.username.trim().is_empty() {
         return Err(Problem::invalid_field("username", "is required"));
     }
-    let client = client_addr(connect.as_ref().map(|e| &e.0));
+    let client = auth::client_addr(
+        connect.as_ref().map(|e| e.0 .0),
+        &headers,
+        &state.trusted_proxies,
+    );
     let p = match auth::login(
         &state.pool,
         &state.login_limiter,
