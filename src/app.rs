@@ -11,6 +11,9 @@ use crate::ingest::Pipeline;
 use crate::metrics::Metrics;
 use crate::store;
 
+/// Committed heartbeat batches waiting for the telemetry rules.
+const RULES_QUEUE_BATCHES: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("cannot listen on http.addr {addr}: {source}")]
@@ -98,7 +101,10 @@ impl Application {
 
         // Alerts: telemetry rules fed by committed heartbeats, and the sweeper.
         let alerts_cancel = CancellationToken::new();
-        let (rules_tx, rules_rx) = tokio::sync::mpsc::channel(1024);
+        // Counted in committed batches (up to ingest.batch_max_rows heartbeats each). Kept
+        // small so that rules falling behind slow the writers down (acks are held, the broker
+        // queues) instead of holding copies of minutes of heartbeats in memory.
+        let (rules_tx, rules_rx) = tokio::sync::mpsc::channel(RULES_QUEUE_BATCHES);
         let rules = tokio::spawn(crate::alerts::run_telemetry_rules(
             rules_rx,
             pool.clone(),

@@ -348,7 +348,10 @@ impl Pipeline {
         let (pr_tx, pr_rx) = mpsc::channel(window);
         let (rj_tx, rj_rx) = mpsc::channel(10_000);
         let (un_tx, un_rx) = mpsc::channel(4096);
-        let (latest_tx, latest_rx) = mpsc::channel(4096);
+        // Batches of latest-state updates (one per committed batch). Small on purpose: the
+        // tracker folds them into one map per device, and when it falls behind the writers
+        // should wait rather than memory fill with boxed copies of heartbeats.
+        let (latest_tx, latest_rx) = mpsc::channel(64);
         let (batch_tx, batch_rx) = mpsc::channel(s.writers);
 
         let mut ack_senders = Vec::new();

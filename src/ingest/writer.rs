@@ -499,13 +499,12 @@ pub async fn run_event_lane(
             }
             ctx.observe_commit(item.ack.received, e.occurred_at);
             ctx.acks.done(item.ack);
-            let _ = ctx
-                .latest
-                .send(vec![LatestUpdate::Seen {
-                    device_id: e.device_id.clone(),
-                    at: e.received_at,
-                }])
-                .await;
+            // Never wait here: the event lane carries SOS presses, and "last seen" is only a
+            // convenience the device's next heartbeat refreshes anyway.
+            let _ = ctx.latest.try_send(vec![LatestUpdate::Seen {
+                device_id: e.device_id.clone(),
+                at: e.received_at,
+            }]);
         }
         .instrument(span)
         .await;
