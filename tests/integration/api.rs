@@ -1176,6 +1176,19 @@ async fn api_acknowledge_stops_escalation_and_resolve_needs_a_note() {
 
     // The dashboard counts it: acknowledged within seconds.
     let a2 = w.open_alert(w.e2, &w.d2, "sos").await;
+    // A low battery left unanswered for minutes is not an emergency call: it counts as an
+    // alert but not against the 60-second share.
+    let a3 = w.open_alert(w.e2, &w.d2, "low_battery").await;
+    w.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE alerts SET opened_at = now() - interval '5 minutes' WHERE id = $1",
+            &[&a3],
+        )
+        .await
+        .unwrap();
     let r = w.get("supervisor", "/dashboard").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let regions = r.body["regions"].as_array().unwrap();
@@ -1187,13 +1200,13 @@ async fn api_acknowledge_stops_escalation_and_resolve_needs_a_note() {
     };
     let m = row("M");
     assert_eq!(m["elders"], 3);
-    assert_eq!(m["open_alerts"], 1);
-    assert_eq!(m["alerts_since"], 2);
+    assert_eq!(m["open_alerts"], 2);
+    assert_eq!(m["alerts_since"], 3);
     assert_eq!(m["acknowledged"], 1);
     assert!(m["ack_p50_s"].as_f64().unwrap() < 60.0);
-    assert_eq!(m["ack_within_60s"], 1.0);
+    assert_eq!(m["ack_within_60s"], 1.0, "only emergencies count: {m}");
     assert_eq!(row("G1")["open_alerts"], 0);
-    assert_eq!(row("G2")["open_alerts"], 1);
+    assert_eq!(row("G2")["open_alerts"], 2);
     assert!(
         !regions.iter().any(|x| x["code"] == w.code("C")),
         "the city is above the supervisor"
