@@ -154,17 +154,25 @@ enum DeviceCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove devices (their stored telemetry stays).
+    /// Remove devices (their stored telemetry stays). Live broker credentials are revoked
+    /// first (needs [broker_admin]; without it, removal of such a device is refused).
     Remove {
         #[arg(required = true)]
         ids: Vec<String>,
+        #[command(flatten)]
+        admin: registry_cli::BrokerAdminArgs,
     },
 }
 
 fn init_tracing(settings: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&settings.log.filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // tokio_postgres logs every statement's parameters at debug: names, phones, identity
+    // numbers, CSRF tokens, notes. Never, whatever the filter asks for (tests/integration/logs.rs).
+    if let Ok(d) = "tokio_postgres::query=info".parse() {
+        filter = filter.add_directive(d);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -351,7 +359,15 @@ async fn device(settings: Settings, cmd: DeviceCommand) -> anyhow::Result<()> {
         DeviceCommand::History(_) | DeviceCommand::Import(_) | DeviceCommand::Credentials(_) => {
             unreachable!("handled above")
         }
-        DeviceCommand::Remove { ids } => {
+        DeviceCommand::Remove { ids, admin } => {
+            // Not configured is fine as long as none of the devices has live credentials.
+            let admin = admin.admin(&settings).ok();
+            let revoked =
+                silverguard::store::credentials::revoke_before_removal(&pool, admin.as_ref(), &ids)
+                    .await?;
+            for id in revoked {
+                println!("revoked the broker credentials of {id}");
+            }
             let n = store::devices::remove(&pool, &ids)
                 .await
                 .with_context(ctx)?;

@@ -370,7 +370,7 @@ pub struct BrokerAdminArgs {
 }
 
 impl BrokerAdminArgs {
-    fn admin(&self, settings: &Settings) -> anyhow::Result<BrokerAdmin> {
+    pub fn admin(&self, settings: &Settings) -> anyhow::Result<BrokerAdmin> {
         let mut s: BrokerAdminSettings = broker_admin_settings(settings);
         if let Some(u) = &self.broker_url {
             s.url = u.clone();

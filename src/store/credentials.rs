@@ -778,6 +778,45 @@ pub async fn revoke(
     Ok(status_from_row(&row))
 }
 
+/// Before devices leave the registry: revokes the live broker credentials of any of `ids`,
+/// so a removed bracelet (or whoever has its password) cannot keep publishing. Without a
+/// broker admin it refuses when any of them has live credentials rather than leave a
+/// working login behind. Returns the devices whose credentials were revoked.
+pub async fn revoke_before_removal(
+    pool: &Pool,
+    admin: Option<&BrokerAdmin>,
+    ids: &[String],
+) -> Result<Vec<String>, CredentialError> {
+    let live: Vec<String> = pool
+        .get()
+        .await?
+        .query(
+            "SELECT device_id FROM device_credentials
+              WHERE device_id = ANY($1) AND revoked_at IS NULL ORDER BY device_id",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if live.is_empty() {
+        return Ok(live);
+    }
+    let Some(admin) = admin else {
+        return Err(CredentialError::NotConfigured(format!(
+            "{} still ha{} live broker credentials, which removing the device would leave \
+             working; configure [broker_admin] so they are revoked, or revoke them first \
+             (silverguard device credentials revoke ID)",
+            live.join(", "),
+            if live.len() == 1 { "s" } else { "ve" }
+        )));
+    };
+    for id in &live {
+        revoke(pool, admin, id).await?;
+    }
+    Ok(live)
+}
+
 /// What is recorded about a device's credentials; `None` when it never had any.
 pub async fn status(
     pool: &Pool,

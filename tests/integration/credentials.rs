@@ -681,7 +681,7 @@ async fn credentials_isolate_devices_over_tls_and_follow_rotation_and_revocation
 async fn credentials_cli_sets_up_the_broker_and_manages_a_device() {
     let db = TestDb::new().await;
     let broker = SecureBroker::start().await;
-    provision(&db, vec!["cli-dev-1".into()]).await;
+    provision(&db, vec!["cli-dev-1".into(), "cli-dev-2".into()]).await;
     let sg = |args: &[&str]| {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_silverguard"));
         c.args(args)
@@ -787,6 +787,46 @@ async fn credentials_cli_sets_up_the_broker_and_manages_a_device() {
     let shown: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json");
     assert_eq!(shown["credentials"]["state"], "revoked");
     assert_eq!(shown["broker"], "absent");
+
+    // Removing a device with live credentials revokes them first, so the removed bracelet's
+    // login stops working; without the broker admin the removal is refused.
+    let (ok, stdout, stderr) = run(&["device", "credentials", "issue", "cli-dev-2"]);
+    assert!(ok, "{stdout}{stderr}");
+    let password2 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("password:"))
+        .expect("password")
+        .trim()
+        .to_string();
+    Conn::connect(broker.port, &unique("dev2-"), "cli-dev-2", &password2)
+        .await
+        .expect("cli-dev-2 logs in");
+    let out = sg(&["device", "remove", "cli-dev-2"])
+        .env_remove("SILVERGUARD_BROKER_ADMIN_PASSWORD")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused without the admin");
+    assert!(stderr.contains("live broker credentials"), "{stderr}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM devices WHERE device_id = 'cli-dev-2'")
+            .await,
+        1,
+        "nothing removed"
+    );
+    let (ok, stdout, stderr) = run(&["device", "remove", "cli-dev-2", "cli-dev-1"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("revoked the broker credentials of cli-dev-2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("removed 2 device(s)"), "{stdout}");
+    assert!(
+        Conn::connect(broker.port, &unique("dev2-"), "cli-dev-2", &password2)
+            .await
+            .is_err(),
+        "a removed device's login no longer works"
+    );
 }
 
 /// Why a role per device: on Mosquitto 2.0.11 the dynamic-security plugin does not
