@@ -154,6 +154,13 @@ impl From<tokio_postgres::Error> for Problem {
             {
                 return Problem::bad_request(db.message().to_string());
             }
+            // Text the database cannot hold (a NUL character from a path parameter): the
+            // request's fault, and not worth an error in the log.
+            if *code == SqlState::CHARACTER_NOT_IN_REPERTOIRE
+                || *code == SqlState::UNTRANSLATABLE_CHARACTER
+            {
+                return Problem::bad_request("text must not contain NUL characters (\\u0000)");
+            }
         }
         Problem::internal(&e)
     }

@@ -4,13 +4,16 @@
 
 mod alerts;
 mod api;
+mod authz;
 mod backup;
 mod care;
 mod console;
 mod credentials;
 mod helpers;
+mod hostile;
 mod https;
 mod ingest;
+mod logs;
 mod notify_channels;
 mod registry;
 mod storage;

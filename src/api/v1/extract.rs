@@ -41,6 +41,16 @@ fn not_json() -> Problem {
 }
 
 async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Problem> {
+    // A declared length over the limit is refused before a byte is read, so a client cannot
+    // hold a connection open trickling a body that will be refused anyway.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
     let bytes = Bytes::from_request(req, state).await.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             too_large()
@@ -97,6 +107,20 @@ pub fn too_large() -> Problem {
 
 /// Deserializes a JSON document, naming the field of a shape error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    // PostgreSQL cannot store NUL in text: refuse it here, naming the field, rather than
+    // fail in the database with a 500.
+    if has_nul_escape(bytes) {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) {
+            if let Some(field) = nul_path(&v, "") {
+                let field = if field.is_empty() {
+                    "body".into()
+                } else {
+                    field
+                };
+                return Err(Problem::invalid_field(&field, NUL_MESSAGE));
+            }
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = match serde_path_to_error::deserialize(&mut de) {
         Ok(v) => v,
@@ -120,6 +144,51 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     de.end()
         .map_err(|e| Problem::bad_request(format!("malformed JSON: {e}")))?;
     Ok(value)
+}
+
+const NUL_MESSAGE: &str = "must not contain NUL characters (\\u0000)";
+
+/// Whether a JSON text contains the escape `\u0000` (raw NUL is not valid JSON). Backslashes
+/// only occur in strings, and an escaped backslash is skipped with its escape.
+fn has_nul_escape(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1) == Some(&b'u') && bytes.get(i + 2..i + 6) == Some(&b"0000"[..]) {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// Where in a document a NUL character is (in a key or a string), as serde_path_to_error
+/// names fields: `note`, `link.role`, `regions[1]`.
+fn nul_path(v: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains('\0') => Some(at.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_path(x, &format!("{at}[{i}]"))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            let here = if at.is_empty() {
+                k.clone()
+            } else {
+                format!("{at}.{k}")
+            };
+            if k.contains('\0') {
+                Some(here)
+            } else {
+                nul_path(x, &here)
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// serde's "missing field `note` at line 1 column 2" -> "missing field `note`".
@@ -174,12 +243,18 @@ impl Params {
     /// Every value given for `name` (repeated keys), trimmed, empty ones dropped.
     fn values(&mut self, name: &str) -> Vec<String> {
         self.used.insert(name.to_string());
-        self.pairs
+        let values: Vec<String> = self
+            .pairs
             .iter()
             .filter(|(k, _)| k == name)
             .map(|(_, v)| v.trim().to_string())
             .filter(|v| !v.is_empty())
-            .collect()
+            .collect();
+        if values.iter().any(|v| v.contains('\0')) {
+            self.error(name, NUL_MESSAGE);
+            return Vec::new();
+        }
+        values
     }
 
     /// The last value of `name`, if any.
@@ -389,6 +464,21 @@ mod tests {
         let p = parse_json::<Body>(br#"{"note": "x"} trailing"#).unwrap_err();
         assert_eq!(p.status, 400);
         assert!(parse_json::<Body>(br#"{"note": "x"}"#).is_ok());
+    }
+
+    #[test]
+    fn nul_characters_are_refused_naming_the_field() {
+        let p = parse_json::<Body>(br#"{"note": "a\u0000b"}"#).unwrap_err();
+        assert_eq!((p.status, p.errors[0].field.as_str()), (422, "note"));
+        let p = parse_json::<Body>(br#"{"note": "x", "inner": {"n": 1, "m": ["", "\u0000"]}}"#)
+            .unwrap_err();
+        assert_eq!(p.errors[0].field, "inner.m[1]");
+        // An escaped backslash followed by "u0000" is text, not NUL.
+        assert!(parse_json::<Body>(br#"{"note": "\\u0000"}"#).is_ok());
+        let mut q = Params::parse("q=a%00b&limit=5");
+        assert_eq!(q.string("q", 100), None);
+        q.limit();
+        assert_eq!(q.finish().unwrap_err().errors[0].field, "q");
     }
 
     #[test]
