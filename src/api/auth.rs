@@ -451,7 +451,7 @@ pub async fn login(
     client: &str,
 ) -> Result<Principal, LoginError> {
     if let Some(retry_after_s) = limiter.blocked_for(username, client) {
-        tracing::warn!(username, client, "login refused: rate limited");
+        tracing::warn!(username_ref = %username_ref(username), client, "login refused: rate limited");
         return Err(LoginError::RateLimited { retry_after_s });
     }
     // No username holds a NUL (users.username is checked), and the database cannot compare
@@ -475,7 +475,8 @@ pub async fn login(
         .as_ref()
         .map(|r| r.get::<_, String>(5))
         .unwrap_or_default();
-    let ok = verify_password(hash, password.to_string()).await && row.is_some();
+    let known = row.is_some();
+    let ok = verify_password(hash, password.to_string()).await && known;
     match row
         .filter(|_| ok)
         .and_then(|r| principal_from_row(&r, AuthVia::Token))
@@ -487,10 +488,25 @@ pub async fn login(
         }
         None => {
             limiter.failed(username, client);
-            tracing::warn!(username, client, "login failed");
+            if known {
+                tracing::warn!(username = username.trim(), client, "login failed");
+            } else {
+                // Not an account: often a password typed into the wrong field, so the text
+                // itself is never logged; the reference still ties repeated attempts together.
+                tracing::warn!(username_ref = %username_ref(username), client, "login failed: no such user");
+            }
             Err(LoginError::Rejected)
         }
     }
+}
+
+/// A stable, non-reversible stand-in for a login name that may not be one (8 hex digits of
+/// its SHA-256), so failed attempts can be correlated in the log without recording what
+/// was typed.
+pub fn username_ref(username: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(username.trim().to_lowercase().as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A new console session: (cookie value, CSRF token).

@@ -286,6 +286,8 @@ async fn scenario(format: &str, filter: &str, sms_kind: Sms) {
     let guardian_password = s("GuardPw", &mut needles);
     let wrong_api = s("WrongApiPw", &mut needles);
     let wrong_console = s("WrongConsolePw", &mut needles);
+    // A password typed into the username field: not an account, so never logged as text.
+    let password_as_username = s("PwInUserField", &mut needles);
 
     // The people.
     let elders = [
@@ -504,7 +506,14 @@ async fn scenario(format: &str, filter: &str, sms_kind: Sms) {
         .build()
         .unwrap();
     let api = |p: &str| format!("{base}/api/v1{p}");
-    // Logins by API: wrong, then right.
+    // Logins by API: a password in the username field, wrong, then right.
+    let r = http
+        .post(api("/auth/token"))
+        .json(&serde_json::json!({"username": password_as_username, "password": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     let r = http
         .post(api("/auth/token"))
         .json(&serde_json::json!({"username": gw_user, "password": wrong_api}))
