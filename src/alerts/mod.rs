@@ -13,7 +13,7 @@
 
 pub mod admin;
 pub mod engine;
-pub mod rules;
+pub use silverguard_core::rules;
 pub mod settings;
 
 use std::collections::{BTreeMap, HashMap};

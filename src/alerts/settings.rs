@@ -130,37 +130,8 @@ pub fn default_policies() -> BTreeMap<String, Policy> {
     m
 }
 
-/// A vital-sign rule: a bound and how long it must hold.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Threshold {
-    #[serde(default)]
-    pub above: Option<f64>,
-    #[serde(default)]
-    pub below: Option<f64>,
-    #[serde(rename = "for", with = "humantime_serde")]
-    pub sustain: Duration,
-}
-
-/// Defaults for elders (older hearts run slower; fever thresholds use skin temperature,
-/// which reads lower than core temperature).
-pub fn default_thresholds() -> BTreeMap<String, Threshold> {
-    let t = |above: Option<f64>, below: Option<f64>, secs: u64| Threshold {
-        above,
-        below,
-        sustain: Duration::from_secs(secs),
-    };
-    BTreeMap::from([
-        ("hr_high".into(), t(Some(130.0), None, 120)),
-        ("hr_low".into(), t(None, Some(45.0), 120)),
-        ("spo2_low".into(), t(None, Some(90.0), 120)),
-        ("temp_high".into(), t(Some(37.8), None, 300)),
-        ("bp_high".into(), t(Some(180.0), None, 300)),
-        ("low_battery".into(), t(None, Some(15.0), 0)),
-        ("not_worn".into(), t(None, None, 2 * 3600)),
-        ("geofence_exit".into(), t(None, None, 120)),
-    ])
-}
+/// The rule types live in the IO-free core crate (fuzzed there); re-exported at their old path.
+pub use silverguard_core::rules::{default_thresholds, Threshold};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -21,7 +21,7 @@
 //! fills, the broker stops sending and queues for us (persistent session), and nothing is lost.
 
 pub mod mqtt;
-pub mod validate;
+pub use silverguard_core::validate;
 pub mod writer;
 
 use std::collections::HashSet;
