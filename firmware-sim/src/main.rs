@@ -260,6 +260,11 @@ struct BenchArgs {
     /// SILVERGUARD_INGEST__WRITERS=4.
     #[arg(long, value_parser = parse_env_pair)]
     service_env: Vec<(String, String)>,
+    /// `silverguard serve` processes to start; more than one share the MQTT stream through a
+    /// shared subscription, and the report sums their committed rate and shows each one's
+    /// CPU and memory.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Small and short (200 devices, 500 hb/s, 5 s, 5 SOS): asserts zero loss, not speed.
     #[arg(long)]
     smoke: bool,
@@ -348,6 +353,7 @@ impl BenchArgs {
             silverguard_bin: self.silverguard_bin.clone(),
             service_log: self.service_log.clone(),
             service_env: self.service_env.clone(),
+            instances: self.instances,
             rate: self.rate.unwrap_or(base.rate),
             devices: self.devices.unwrap_or(base.devices),
             connections: self.connections.unwrap_or(base.connections),

@@ -71,9 +71,18 @@ struct Claimed {
     attempts: i32,
     step: i32,
     created_at: DateTime<Utc>,
+    /// When this process took the lease.
+    claimed_at: Instant,
 }
 
 const LEASE: Duration = Duration::from_secs(60);
+
+/// What [`Notifier::record`] has already committed for one attempt.
+#[derive(Debug, Default)]
+struct Recorded {
+    attempt: bool,
+    finished: bool,
+}
 
 impl Notifier {
     /// Runs until cancelled: wakes on `sg_outbox` notifications or every 200 ms. Each row is
@@ -155,6 +164,7 @@ impl Notifier {
                 attempts: r.get(8),
                 step: r.get(9),
                 created_at: r.get(10),
+                claimed_at: Instant::now(),
             })
             .collect())
     }
@@ -162,13 +172,36 @@ impl Notifier {
     async fn deliver(&self, row: Claimed) {
         use tracing::Instrument;
         let span = tracing::info_span!("notify", alert_id = row.alert_id, outbox_id = row.id, channel = %row.channel);
-        if let Err(e) = self.deliver_inner(&row).instrument(span).await {
-            // The lease expires and another attempt follows.
-            tracing::warn!(alert_id = row.alert_id, outbox_id = row.id, error = %e, "delivery bookkeeping failed");
+        let give_up = row.claimed_at + LEASE.saturating_sub(Duration::from_secs(5));
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let mut handed_over = false;
+            match self
+                .deliver_inner(&row, &mut handed_over)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(()) => return,
+                // Nothing reached a provider yet (the database failed while preparing the
+                // message): trying again soon beats leaving the row to its lease, which would
+                // hold an SOS notification back for a minute.
+                Err(e) if !handed_over && Instant::now() + wait < give_up => {
+                    tracing::warn!(alert_id = row.alert_id, outbox_id = row.id, error = %e,
+                        "could not prepare the notification; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    // The lease expires and another attempt follows.
+                    tracing::warn!(alert_id = row.alert_id, outbox_id = row.id, error = %e, "delivery bookkeeping failed");
+                    return;
+                }
+            }
         }
     }
 
-    async fn deliver_inner(&self, row: &Claimed) -> Result<(), StoreError> {
+    /// Delivers one claimed row; `handed_over` is set once the message went to the provider.
+    async fn deliver_inner(&self, row: &Claimed, handed_over: &mut bool) -> Result<(), StoreError> {
         if !row.urgent {
             if let Some(until) = self.quiet_until(row, Utc::now()) {
                 return self.defer(row, until, "quiet_hours").await;
@@ -187,23 +220,57 @@ impl Notifier {
         };
         let lang = Lang::parse(&row.language).unwrap_or(Lang::ZhCn);
         let started = Instant::now();
+        *handed_over = true;
         let result = self.send(row, &view, lang).await;
         let elapsed = started.elapsed();
         let ok = result.is_ok();
         self.metrics
             .observe(&row.channel, ok, elapsed, row.urgent, row.created_at);
-        let client = self.pool.get().await?;
-        let (provider, error) = match &result {
-            Ok(d) => (Some(d.provider), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        client
-            .execute(
-                "INSERT INTO delivery_attempts (outbox_id, ok, provider, error, duration_ms) VALUES ($1, $2, $3, $4, $5)",
-                &[&row.id, &ok, &provider, &error, &(elapsed.as_millis() as i32)],
-            )
-            .await?;
-        drop(client);
+        // The provider has (or has refused) the message now. If its outcome is not recorded,
+        // the row is taken again when the lease expires and sent a second time, so a
+        // database that is briefly away (restart, failover) is waited for while the lease
+        // is still ours, instead of giving the row up at the first error.
+        let give_up = row.claimed_at + LEASE.saturating_sub(Duration::from_secs(5));
+        let mut wait = Duration::from_millis(200);
+        let mut progress = Recorded::default();
+        loop {
+            match self.record(row, &result, elapsed, &mut progress).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() + wait < give_up => {
+                    tracing::warn!(alert_id = row.alert_id, outbox_id = row.id, error = %e,
+                        "delivery outcome not recorded yet; retrying while the lease holds");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Records one attempt's outcome; `progress` remembers the steps already committed, so a
+    /// retry after an error does not repeat them.
+    async fn record(
+        &self,
+        row: &Claimed,
+        result: &Result<super::channels::Delivery, DeliveryError>,
+        elapsed: Duration,
+        progress: &mut Recorded,
+    ) -> Result<(), StoreError> {
+        let ok = result.is_ok();
+        if !progress.attempt {
+            let client = self.pool.get().await?;
+            let (provider, error) = match result {
+                Ok(d) => (Some(d.provider), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            client
+                .execute(
+                    "INSERT INTO delivery_attempts (outbox_id, ok, provider, error, duration_ms) VALUES ($1, $2, $3, $4, $5)",
+                    &[&row.id, &ok, &provider, &error, &(elapsed.as_millis() as i32)],
+                )
+                .await?;
+            progress.attempt = true;
+        }
         match result {
             Ok(d) => {
                 self.finish(
@@ -220,18 +287,21 @@ impl Notifier {
                 let backoff = backoff(row.attempts, row.urgent);
                 tracing::warn!(alert_id = row.alert_id, channel = %row.channel, attempt = row.attempts,
                     retry_in_s = backoff.as_secs_f64(), error = %e, "delivery failed, will retry");
-                self.retry(row, backoff, &e).await?;
+                self.retry(row, backoff, e).await?;
             }
             Err(e) => {
-                if !self.channels.available(&row.channel) {
-                    // A deployment choice (no SMS provider yet), not an incident.
-                    tracing::info!(alert_id = row.alert_id, channel = %row.channel, "channel not configured; falling back");
-                } else {
-                    tracing::error!(alert_id = row.alert_id, channel = %row.channel, attempt = row.attempts,
-                        error = %e, "delivery failed for good; falling back");
+                if !progress.finished {
+                    if !self.channels.available(&row.channel) {
+                        // A deployment choice (no SMS provider yet), not an incident.
+                        tracing::info!(alert_id = row.alert_id, channel = %row.channel, "channel not configured; falling back");
+                    } else {
+                        tracing::error!(alert_id = row.alert_id, channel = %row.channel, attempt = row.attempts,
+                            error = %e, "delivery failed for good; falling back");
+                    }
+                    self.finish(row, "failed", None, Some(&e.to_string()))
+                        .await?;
+                    progress.finished = true;
                 }
-                self.finish(row, "failed", None, Some(&e.to_string()))
-                    .await?;
                 self.fall_back(row).await?;
             }
         }

@@ -29,7 +29,7 @@ pub mod locks {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
+    #[error("database error: {}", db_error_text(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -50,6 +50,15 @@ pub enum StoreError {
     SchemaTooNew(i32),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The server's own message and SQLSTATE when there is one: tokio-postgres displays every
+/// server error as just "db error", which tells an operator nothing during an outage.
+fn db_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 impl StoreError {

@@ -552,3 +552,396 @@ impl Drop for SmtpSink {
         self.stop();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fault campaign (tests/integration/faults.rs): a private PostgreSQL cluster that can be
+// restarted, and an SMS stand-in that can go down and come back on the same port.
+
+/// A PostgreSQL cluster of its own (initdb into a temporary directory, `pg_ctl` on a free
+/// port), for tests that restart or stop the server: the shared cluster serves every other
+/// test and must stay up. Stopped and deleted on drop.
+pub struct TestPgCluster {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl TestPgCluster {
+    pub async fn start() -> TestPgCluster {
+        let bin = pg_bin_dir();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // initdb and postgres refuse to run as root; the tests run as root on CI machines.
+        if running_as_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the cluster directory to postgres");
+        }
+        let cluster = TestPgCluster {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        let data = cluster.data_dir();
+        let out = cluster
+            .pg_command("initdb")
+            .args(["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8"])
+            .args(["--no-sync", "--locale=C.UTF-8"])
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Small and quick: this cluster holds one test's database.
+        let conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
+             fsync = off\nshared_buffers = 32MB\nmax_connections = 100\n",
+            cluster.port,
+            cluster.dir.path().display()
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(format!("{data}/postgresql.conf"))
+            .expect("postgresql.conf");
+        std::io::Write::write_all(&mut f, conf.as_bytes()).expect("write postgresql.conf");
+        cluster.start_server().await;
+        cluster
+    }
+
+    fn data_dir(&self) -> String {
+        format!("{}/data", self.dir.path().display())
+    }
+
+    fn pg_command(&self, tool: &str) -> Command {
+        let exe = self.bin.join(tool);
+        if running_as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        }
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>`: the server, without a database name.
+    pub fn base_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// A fresh database on this cluster (dropped with the cluster).
+    pub async fn new_db(&self) -> TestDb {
+        let name = unique("sg_fault_");
+        let (client, conn) =
+            tokio_postgres::connect(&format!("{}/postgres", self.base_url()), NoTls)
+                .await
+                .expect("connect to the private cluster");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        TestDb {
+            url: format!("{}/{name}", self.base_url()),
+            name,
+        }
+    }
+
+    async fn start_server(&self) {
+        let log = format!("{}/server.log", self.dir.path().display());
+        let out = self
+            .pg_command("pg_ctl")
+            .args([
+                "-D",
+                &self.data_dir(),
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ])
+            .stdout(Stdio::null())
+            .output()
+            .expect("run pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {} (log: {log})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = self.port;
+        wait_until(
+            "private PostgreSQL accepts connections",
+            Duration::from_secs(30),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    /// Stops the server in fast mode (open transactions are rolled back, clients
+    /// disconnected) and waits until it is down.
+    pub fn stop(&self) {
+        let _ = self
+            .pg_command("pg_ctl")
+            .args([
+                "-D",
+                &self.data_dir(),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+                "stop",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    pub async fn start_again(&self) {
+        self.start_server().await;
+    }
+
+    /// `pg_ctl restart -m fast`, the way an operator restarts the server.
+    pub async fn restart(&self) {
+        self.stop();
+        self.start_server().await;
+    }
+}
+
+impl Drop for TestPgCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .pg_command("pg_ctl")
+            .args(["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin`, else whatever directory `pg_ctl` is
+/// found in on the PATH.
+fn pg_bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return bin;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .find(|p| p.join("pg_ctl").exists())
+        .expect("PostgreSQL server binaries (pg_ctl, initdb): install postgresql")
+}
+
+/// An HTTP stand-in for the SMS gateway that can go down (connection refused) and come back
+/// on the same port, keeping one record of every request it accepted. While down, a request
+/// that still arrives on a kept-alive connection gets 503 and is not recorded.
+pub struct SwitchableStandIn {
+    pub port: u16,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SwitchableStandIn {
+    pub async fn start() -> SwitchableStandIn {
+        let mut s = SwitchableStandIn {
+            port: free_port(),
+            requests: Default::default(),
+            down: Default::default(),
+            server: None,
+        };
+        s.up().await;
+        s
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Starts answering (again) on the same port.
+    pub async fn up(&mut self) {
+        use axum::extract::{Request, State};
+        use std::sync::atomic::Ordering;
+        type Shared = (
+            std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
+            std::sync::Arc<std::sync::atomic::AtomicBool>,
+        );
+        async fn handle(
+            State((reqs, down)): State<Shared>,
+            req: Request,
+        ) -> (axum::http::StatusCode, String) {
+            let path = req.uri().to_string();
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap_or_default();
+            if down.load(Ordering::SeqCst) {
+                return (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "{\"error\":\"down\"}".into(),
+                );
+            }
+            if let Ok(mut r) = reqs.lock() {
+                r.push(Captured {
+                    path,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                    at: std::time::Instant::now(),
+                });
+            }
+            (axum::http::StatusCode::OK, "{\"id\":\"stand-in\"}".into())
+        }
+        self.down.store(false, Ordering::SeqCst);
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state((self.requests.clone(), self.down.clone()));
+        // The port was ours a moment ago; after a stop it may sit in TIME_WAIT briefly.
+        let addr = format!("127.0.0.1:{}", self.port);
+        let mut listener = None;
+        for _ in 0..100 {
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let listener = listener.expect("bind the stand-in's port again");
+        self.server = Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }));
+    }
+
+    /// Stops listening: new connections are refused. Connections the service keeps alive
+    /// are served by their own tasks, which answer 503 while the flag says down.
+    pub async fn down(&mut self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(server) = self.server.take() {
+            server.abort();
+            let _ = server.await;
+        }
+    }
+
+    pub fn all(&self) -> Vec<Captured> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for SwitchableStandIn {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// A small tmpfs mounted for one test (a tablespace that can be made full and grown again);
+/// needs the right to mount (root). Unmounted on drop.
+pub struct TmpfsMount {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TmpfsMount {
+    pub fn new(size: &str, owner: &str) -> TmpfsMount {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = Command::new("chown").arg(owner).arg(&path).status();
+        TmpfsMount { path, _dir: dir }
+    }
+
+    /// KiB in use.
+    pub fn used_kib(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["-k", "--output=used"])
+            .arg(&self.path)
+            .output()
+            .expect("df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+
+    /// Changes the size (`64m`, `2048k`).
+    pub fn resize(&self, size: &str) {
+        let out = self.try_resize(size);
+        assert!(out.is_ok(), "resize the tmpfs to {size}: {out:?}");
+    }
+
+    fn try_resize(&self, size: &str) -> Result<(), String> {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .output()
+            .expect("run mount");
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Shrinks the filesystem to what it uses (plus 64 KiB, soon filled), so that it is
+    /// full; returns the new size in KiB. Writers keep writing meanwhile, and a size below
+    /// what is used is refused, so it measures again until the shrink holds.
+    pub fn fill_up(&self) -> u64 {
+        let mut last = String::new();
+        for _ in 0..50 {
+            let size = self.used_kib() + 64;
+            match self.try_resize(&format!("{size}k")) {
+                Ok(()) => return size,
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not shrink the tmpfs to what it uses: {last}");
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

@@ -9,6 +9,7 @@ mod backup;
 mod care;
 mod console;
 mod credentials;
+mod faults;
 mod helpers;
 mod hostile;
 mod https;

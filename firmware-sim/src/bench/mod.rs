@@ -49,7 +49,7 @@ use crate::BrokerAddr;
 use gateway::SmsGateway;
 use load::{Load, LoadSettings};
 use report::{BenchReport, HistSummary, Stages};
-use service::{Service, ServiceCmd};
+use service::ServiceCmd;
 use sos::{Injector, Outcome, SosSummary};
 use stats::{Histogram, LatencySummary};
 
@@ -99,6 +99,9 @@ pub struct BenchConfig {
     pub service_log: Option<PathBuf>,
     /// Extra `SILVERGUARD_*` settings for the service (tuning experiments).
     pub service_env: Vec<(String, String)>,
+    /// `silverguard serve` processes to run; more than one share the MQTT stream through a
+    /// shared subscription (`mqtt.shared_group`), the way several instances are deployed.
+    pub instances: usize,
     pub smoke: bool,
     /// Heartbeats per second offered, all devices together.
     pub rate: f64,
@@ -156,6 +159,7 @@ impl BenchConfig {
             silverguard_bin: PathBuf::from("target/release/silverguard"),
             service_log: None,
             service_env: Vec::new(),
+            instances: 1,
             smoke: false,
             rate: 5000.0,
             devices: 5000,
@@ -250,6 +254,9 @@ impl BenchConfig {
         if self.duration.is_zero() {
             p.push("--duration must be above 0".into());
         }
+        if !(1..=16).contains(&self.instances) {
+            p.push("--instances must be between 1 and 16".into());
+        }
         if !(self.sos_rate > 0.0 && self.sos_rate <= 100.0) {
             p.push("--sos-rate must be above 0 and at most 100".into());
         }
@@ -305,7 +312,9 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
     };
     // Also after an interruption (the service was killed without a goodbye): its session
     // would otherwise queue every heartbeat of the next runs until it expires.
-    forget_service_sessions(&cfg, &broker, &format!("bench-{tag}")).await;
+    for i in 0..cfg.instances {
+        forget_service_sessions(&cfg, &broker, &instance_client_id(&tag, i)).await;
+    }
     if cfg.keep_db {
         p.say(format!("database {name} kept (--keep-db)"));
     } else if let Err(e) = server.drop_db(&name).await {
@@ -338,14 +347,13 @@ async fn run_in(
     let started = Instant::now();
     let started_unix_ms = crate::now_unix_ms();
     let gateway = SmsGateway::start().await?;
-    let service_client_id = format!("bench-{tag}");
     let http = SocketAddr::from(([127, 0, 0, 1], service::free_port()?));
     let db_url = db::url_for(&cfg.pg_base, name)?;
     let mut env: Vec<(String, String)> = [
         ("SILVERGUARD_DATABASE_URL", db_url.clone()),
         ("SILVERGUARD_MQTT_URL", cfg.mqtt_url.clone()),
         ("SILVERGUARD_HTTP_ADDR", http.to_string()),
-        ("SILVERGUARD_MQTT__CLIENT_ID", service_client_id.clone()),
+        ("SILVERGUARD_MQTT__CLIENT_ID", instance_client_id(tag, 0)),
         // A bench that dies must not leave a session the broker queues for all week.
         ("SILVERGUARD_MQTT__SESSION_EXPIRY", "5m".into()),
         ("SILVERGUARD_NOTIFY__SMS__PROVIDER", "webhook".into()),
@@ -398,12 +406,38 @@ async fn run_in(
         .service_log
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("{name}-silverguard.log")));
-    let mut service = svc.serve(http, &log).await?;
-    p.say(format!(
-        "silverguard serve started (pid {}, log {})",
-        service.pid,
-        log.display()
-    ));
+    let mut service = service::Services {
+        list: Vec::with_capacity(cfg.instances),
+    };
+    for i in 0..cfg.instances {
+        let (cmd, addr, log) = if i == 0 {
+            (svc.clone(), http, log.clone())
+        } else {
+            let addr = SocketAddr::from(([127, 0, 0, 1], service::free_port()?));
+            let mut log = log.clone().into_os_string();
+            log.push(format!(".{i}"));
+            (
+                svc.with(&[
+                    ("SILVERGUARD_HTTP_ADDR", addr.to_string()),
+                    ("SILVERGUARD_MQTT__CLIENT_ID", instance_client_id(tag, i)),
+                ]),
+                addr,
+                PathBuf::from(log),
+            )
+        };
+        let cmd = if cfg.instances > 1 {
+            cmd.with(&[("SILVERGUARD_MQTT__SHARED_GROUP", format!("bench-{tag}"))])
+        } else {
+            cmd
+        };
+        let s = cmd.serve(addr, &log).await?;
+        p.say(format!(
+            "silverguard serve {i} started (pid {}, log {})",
+            s.pid,
+            log.display()
+        ));
+        service.list.push(s);
+    }
     let ctx = Ctx {
         cfg,
         broker,
@@ -414,6 +448,7 @@ async fn run_in(
         p,
     };
     let measured = measure(ctx, &mut service).await;
+    let logs = service.logs();
     service.stop(Duration::from_secs(20)).await;
     gateway.stop();
 
@@ -424,7 +459,7 @@ async fn run_in(
     report.machine.postgres_version = server.version().await;
     report.settings.database = name.to_string();
     report.settings.kept_database = cfg.keep_db;
-    report.usage.service_log = log.display().to_string();
+    report.usage.service_log = logs;
     report.judge();
     Ok(report)
 }
@@ -551,20 +586,33 @@ async fn forget_service_sessions(cfg: &BenchConfig, broker: &BrokerAddr, client_
     }
 }
 
+/// MQTT client id of instance `i` (its connections add `-0`, `-1`, ..., `-evt`).
+fn instance_client_id(tag: &str, i: usize) -> String {
+    if i == 0 {
+        format!("bench-{tag}")
+    } else {
+        format!("bench-{tag}-i{i}")
+    }
+}
+
 /// CPU counters at one instant.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct CpuSample {
     at: Instant,
+    /// Every instance together.
     service: Option<u64>,
+    /// Each instance.
+    each: Vec<Option<u64>>,
     bench: Option<u64>,
     machine: Option<(u64, u64)>,
 }
 
 impl CpuSample {
-    fn take(pid: u32) -> CpuSample {
+    fn take(pids: &[u32]) -> CpuSample {
         CpuSample {
             at: Instant::now(),
-            service: service::process_ticks(pid),
+            service: service::processes_ticks(pids),
+            each: pids.iter().map(|p| service::process_ticks(*p)).collect(),
             bench: service::process_ticks(std::process::id()),
             machine: std::fs::read_to_string("/proc/stat")
                 .ok()
@@ -586,7 +634,7 @@ struct Ctx<'a> {
 }
 
 /// Phases 4 to 6 of the module docs, with the service running.
-async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, BenchError> {
+async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchReport, BenchError> {
     let Ctx {
         cfg,
         broker,
@@ -597,6 +645,7 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
         p,
     } = x;
     let ready = service.wait_ready(Duration::from_secs(120)).await?;
+    let pids = service.pids();
     p.say(format!("silverguard ready in {:.1}s", ready.as_secs_f64()));
     let mut report = BenchReport {
         tool: format!("bracelet-sim {} bench", env!("CARGO_PKG_VERSION")),
@@ -631,6 +680,7 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
             .map(|(k, v)| format!("{k}={v}"))
             .collect(),
         db_sql: cfg.db_sql.clone(),
+        instances: cfg.instances,
         ..report::Settings::default()
     };
 
@@ -654,14 +704,13 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
     report.machine.broker_disconnected_clients_at_start = broker_state.disconnected_clients;
 
     // Idle phase: the same presses with nothing else going on.
-    let before_idle = CpuSample::take(service.pid);
+    let before_idle = CpuSample::take(&pids);
     let (idle_targets, loaded_targets) = targets.split_at(cfg.idle_sos.min(targets.len()));
     let no_stop = CancellationToken::new();
     let idle_shots = injector.run(idle_targets, cfg.sos_rate, &no_stop).await;
     let idle = sos::collect(&idle_shots, gateway, cfg.sos_timeout).await;
     report.sos_idle = SosSummary::of(&idle);
-    let machine_before_load =
-        busy_percent(before_idle.machine, CpuSample::take(service.pid).machine);
+    let machine_before_load = busy_percent(before_idle.machine, CpuSample::take(&pids).machine);
     p.say(format!(
         "idle: {} SOS, {} answered, p50 {} ms, max {} ms",
         report.sos_idle.published,
@@ -718,7 +767,7 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
         watch(
             &load,
             gateway,
-            service.pid,
+            &pids,
             step_started,
             cfg.warmup,
             "warm-up",
@@ -729,8 +778,9 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
         // The measured window.
         let pub0 = load.counters.published();
         let ov0 = load.overflow();
-        let m0 = service.metrics().await.ok();
-        let cpu0 = CpuSample::take(service.pid);
+        let m0_each = service.metrics_each().await.ok();
+        let m0 = m0_each.as_ref().map(|m| m.join("\n"));
+        let cpu0 = CpuSample::take(&pids);
         let window_end = cpu0.at + cfg.duration;
         let window_stop = CancellationToken::new();
         let per_step = cfg.loaded_sos_per_step();
@@ -742,26 +792,18 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
                 &window_stop
             ),
             async {
-                let m = watch(
-                    &load,
-                    gateway,
-                    service.pid,
-                    cpu0.at,
-                    cfg.duration,
-                    "window",
-                    p,
-                )
-                .await;
+                let m = watch(&load, gateway, &pids, cpu0.at, cfg.duration, "window", p).await;
                 tokio::time::sleep_until(window_end).await;
                 window_stop.cancel();
                 m
             }
         );
         next_target += shots.len();
-        let cpu1 = CpuSample::take(service.pid);
+        let cpu1 = CpuSample::take(&pids);
         let pub1 = load.counters.published();
         let ov1 = load.overflow();
-        let m1 = service.metrics().await.ok();
+        let m1_each = service.metrics_each().await.ok();
+        let m1 = m1_each.as_ref().map(|m| m.join("\n"));
         let window = cpu1.at - cpu0.at;
         pub_in_windows += pub1 - pub0;
 
@@ -783,6 +825,22 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
             (Some(a), Some(b)) => rejected_metric(b).saturating_sub(rejected_metric(a)),
             _ => 0,
         };
+        let instances = (0..pids.len())
+            .map(|i| report::InstanceStep {
+                committed_per_s: match (&m0_each, &m1_each) {
+                    (Some(a), Some(b)) if a.len() == pids.len() && b.len() == pids.len() => {
+                        committed_metric(&b[i]).saturating_sub(committed_metric(&a[i])) as f64
+                            / secs
+                    }
+                    _ => 0.0,
+                },
+                cpu_percent: pct(
+                    cpu0.each.get(i).copied().flatten(),
+                    cpu1.each.get(i).copied().flatten(),
+                    window,
+                ),
+            })
+            .collect();
         let step_published = published - published_before;
         let step_committed = committed.saturating_sub(committed_before);
         let step = report::Step {
@@ -808,6 +866,7 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
                 _ => report::ServiceMetrics::default(),
             },
             sustained: false,
+            instances,
         };
         committed_before = committed;
         published_before = published;
@@ -853,7 +912,18 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
     report.sos_samples_loaded = samples(&all_loaded, &traces);
     report.sos_loaded_stages = stages(&report.sos_samples_loaded);
     report.storage = bench_db.storage(committed).await;
-    let (hwm, rss) = service::process_memory_kib(service.pid);
+    let (hwm, rss) = service::processes_memory_kib(&pids);
+    let instances_usage: Vec<report::InstanceUsage> = pids
+        .iter()
+        .map(|p| {
+            let (hwm, rss) = service::process_memory_kib(*p);
+            report::InstanceUsage {
+                pid: *p,
+                peak_rss_mib: hwm.map(|k| k as f64 / 1024.0),
+                rss_end_mib: rss.map(|k| k as f64 / 1024.0),
+            }
+        })
+        .collect();
     let service_alive = service.running();
     injector.close().await;
 
@@ -890,12 +960,8 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
         (Some(l), Some(i)) if i > 0.0 => Some(l / i),
         _ => None,
     };
-    let (cpu0, cpu1, m0, m1) = first_window.unwrap_or((
-        CpuSample::take(service.pid),
-        CpuSample::take(service.pid),
-        None,
-        None,
-    ));
+    let (cpu0, cpu1, m0, m1) =
+        first_window.unwrap_or((CpuSample::take(&pids), CpuSample::take(&pids), None, None));
     let w = cpu1.at - cpu0.at;
     report.usage = report::Usage {
         service_cpu_percent: best
@@ -908,6 +974,7 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
             .machine_cpu_busy_percent
             .or(busy_percent(cpu0.machine, cpu1.machine)),
         machine_cpu_busy_before_load_percent: machine_before_load,
+        instances: instances_usage,
         service_log: String::new(),
     };
     report.service_metrics = if rates.len() > 1 {
@@ -923,7 +990,7 @@ async fn measure(x: Ctx<'_>, service: &mut Service) -> Result<BenchReport, Bench
     if !service_alive {
         return Err(BenchError::Service(format!(
             "silverguard serve exited during the run (log: {})",
-            service.log.display()
+            service.logs()
         )));
     }
     Ok(report)
@@ -951,7 +1018,12 @@ const DRAIN_QUIET: Duration = Duration::from_secs(15);
 
 /// Polls the service's committed-heartbeat counter (cheap, unlike `count(*)` over millions of
 /// rows) until it reaches `expected` or has not grown for `quiet`, at most `limit` in all.
-async fn wait_committed(service: &Service, expected: u64, quiet: Duration, limit: Duration) -> u64 {
+async fn wait_committed(
+    service: &service::Services,
+    expected: u64,
+    quiet: Duration,
+    limit: Duration,
+) -> u64 {
     let start = Instant::now();
     let mut last = 0u64;
     let mut last_change = Instant::now();
@@ -975,7 +1047,7 @@ async fn wait_committed(service: &Service, expected: u64, quiet: Duration, limit
 async fn watch(
     load: &Load,
     gateway: &SmsGateway,
-    pid: u32,
+    pids: &[u32],
     from: Instant,
     span: Duration,
     phase: &str,
@@ -983,7 +1055,7 @@ async fn watch(
 ) -> Option<u64> {
     let end = from + span;
     let mut last = (Instant::now(), load.counters.published());
-    let mut rss_max = service::process_memory_kib(pid).1;
+    let mut rss_max = service::processes_memory_kib(pids).1;
     while Instant::now() + Duration::from_millis(1) < end {
         let next = (Instant::now() + Duration::from_secs(1)).min(end);
         tokio::time::sleep_until(next).await;
@@ -991,7 +1063,7 @@ async fn watch(
         let published = load.counters.published();
         let rate = (published - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-3);
         last = (now, published);
-        let rss = service::process_memory_kib(pid).1;
+        let rss = service::processes_memory_kib(pids).1;
         rss_max = rss_max.max(rss);
         p.say(format!(
             "[{phase} {:>4.0}s] hb published {published} ({rate:.0}/s) acked {} | SMS {} | RSS {} MiB",

@@ -53,6 +53,8 @@ pub struct Settings {
     pub service_env: Vec<String>,
     /// SQL applied to the database before the service started (`--db-sql`).
     pub db_sql: Vec<String>,
+    /// `silverguard serve` processes sharing the stream (`--instances`).
+    pub instances: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -148,7 +150,26 @@ pub struct Usage {
     pub machine_cpu_busy_percent: Option<f64>,
     /// The same over the idle phase, before the load: what else was running.
     pub machine_cpu_busy_before_load_percent: Option<f64>,
+    /// Each instance's memory (`service_*` above are every instance together).
+    pub instances: Vec<InstanceUsage>,
     pub service_log: String,
+}
+
+/// One `silverguard serve` of several (`--instances`), at the end of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InstanceUsage {
+    pub pid: u32,
+    pub peak_rss_mib: Option<f64>,
+    pub rss_end_mib: Option<f64>,
+}
+
+/// One instance's share of a step's measured window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InstanceStep {
+    /// Heartbeats this instance committed in the window / its length.
+    pub committed_per_s: f64,
+    /// This instance's CPU over the window, % of one core.
+    pub cpu_percent: Option<f64>,
 }
 
 /// One step of the offered load: warm-up, measured window, then a pause until everything
@@ -184,6 +205,8 @@ pub struct Step {
     pub service_metrics: ServiceMetrics,
     /// Committed ≥ 98 % of offered, drained, lag p99 under 2 s, nothing lost.
     pub sustained: bool,
+    /// Each instance's part of the window (`service_*` above are all of them together).
+    pub instances: Vec<InstanceStep>,
 }
 
 /// Silverguard against the limits measured in the same run.
@@ -390,9 +413,14 @@ impl BenchReport {
         };
         let _ = writeln!(
             o,
-            "bracelet-sim bench{}: {} devices over {} connections, {offered}, \
+            "bracelet-sim bench{}{}: {} devices over {} connections, {offered}, \
              {:.0}s warm-up + {:.0}s measured, SOS {}/s",
             if s.smoke { " (smoke)" } else { "" },
+            if s.instances > 1 {
+                format!(", {} instances", s.instances)
+            } else {
+                String::new()
+            },
             s.devices,
             s.connections,
             s.warmup_s,
@@ -502,6 +530,35 @@ impl BenchReport {
                 );
             }
         }
+        if s.instances > 1 {
+            let _ = writeln!(o);
+            let _ = writeln!(
+                o,
+                "instances ({} sharing the stream; committed/s and CPU per window)",
+                s.instances
+            );
+            for (i, st) in self.steps.iter().enumerate() {
+                let each: Vec<String> = st
+                    .instances
+                    .iter()
+                    .map(|x| format!("{:.0}/s {}", x.committed_per_s, pct(x.cpu_percent)))
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "  step {} ({:.0}/s offered): {}",
+                    i + 1,
+                    st.offered_per_s,
+                    each.join(" | ")
+                );
+            }
+            let each: Vec<String> = self
+                .usage
+                .instances
+                .iter()
+                .map(|x| format!("pid {} peak {}", x.pid, mib(x.peak_rss_mib)))
+                .collect();
+            let _ = writeln!(o, "  memory: {}", each.join(" | "));
+        }
         let _ = writeln!(o);
         let _ = writeln!(
             o,
@@ -546,7 +603,7 @@ impl BenchReport {
         let _ = writeln!(o, "resources (measured window)");
         row(
             &mut o,
-            "silverguard CPU (% of one core)",
+            "silverguard CPU (% of one core, all)",
             pct(u.service_cpu_percent),
         );
         row(&mut o, "silverguard peak RSS", mib(u.service_peak_rss_mib));

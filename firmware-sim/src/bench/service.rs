@@ -168,6 +168,21 @@ impl ServiceCmd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The same command with some settings replaced (or added).
+    pub fn with(&self, overrides: &[(&str, String)]) -> ServiceCmd {
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
+            .cloned()
+            .collect();
+        env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        ServiceCmd {
+            bin: self.bin.clone(),
+            env,
+        }
+    }
+
     /// Starts `silverguard serve` with stdout and stderr appended to `log`.
     pub async fn serve(&self, http: SocketAddr, log: &Path) -> Result<Service, BenchError> {
         if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -267,6 +282,81 @@ impl Service {
             }
         }
     }
+}
+
+/// The `silverguard serve` processes of one run: one, or several sharing the MQTT stream
+/// through a shared subscription (`--instances`). Read together they look like one service:
+/// their metrics pages are concatenated (counters and histograms then add up, see
+/// [`super::stats::scalar`] and [`super::stats::Histogram::parse`]) and their CPU time and
+/// memory are summed; each one's own figures are kept for the report.
+pub struct Services {
+    pub list: Vec<Service>,
+}
+
+impl Services {
+    pub fn pids(&self) -> Vec<u32> {
+        self.list.iter().map(|s| s.pid).collect()
+    }
+
+    /// Waits until every instance is ready; returns the longest wait.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Duration, BenchError> {
+        let start = Instant::now();
+        for s in &mut self.list {
+            s.wait_ready(timeout.saturating_sub(start.elapsed()))
+                .await?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Every instance's `/metrics`, in instance order.
+    pub async fn metrics_each(&self) -> Result<Vec<String>, BenchError> {
+        let mut out = Vec::with_capacity(self.list.len());
+        for s in &self.list {
+            out.push(s.metrics().await?);
+        }
+        Ok(out)
+    }
+
+    /// All instances' `/metrics` pages, one after the other.
+    pub async fn metrics(&self) -> Result<String, BenchError> {
+        Ok(self.metrics_each().await?.join("\n"))
+    }
+
+    /// Whether every instance is still running.
+    pub fn running(&mut self) -> bool {
+        self.list.iter_mut().all(|s| s.running())
+    }
+
+    /// The log of each instance, comma-separated.
+    pub fn logs(&self) -> String {
+        let logs: Vec<String> = self
+            .list
+            .iter()
+            .map(|s| s.log.display().to_string())
+            .collect();
+        logs.join(", ")
+    }
+
+    pub async fn stop(self, grace: Duration) {
+        for s in self.list {
+            s.stop(grace).await;
+        }
+    }
+}
+
+/// User + system CPU ticks of several processes together (`None` when one cannot be read).
+pub fn processes_ticks(pids: &[u32]) -> Option<u64> {
+    pids.iter().map(|p| process_ticks(*p)).sum()
+}
+
+/// Peak and current resident set of several processes, summed, KiB.
+pub fn processes_memory_kib(pids: &[u32]) -> (Option<u64>, Option<u64>) {
+    let each: Vec<(Option<u64>, Option<u64>)> =
+        pids.iter().map(|p| process_memory_kib(*p)).collect();
+    (
+        each.iter().map(|m| m.0).sum(),
+        each.iter().map(|m| m.1).sum(),
+    )
 }
 
 #[cfg(test)]

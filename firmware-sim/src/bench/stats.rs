@@ -259,6 +259,8 @@ impl Histogram {
                 continue;
             }
             found = true;
+            // The same series may appear more than once (the pages of several instances,
+            // one after the other): their observations add up.
             if n == bucket_name {
                 let le = labels.iter().find(|(k, _)| k == "le").map(|(_, v)| v)?;
                 let le = if le == "+Inf" {
@@ -266,11 +268,14 @@ impl Histogram {
                 } else {
                     le.parse().ok()?
                 };
-                h.buckets.push((le, value));
+                match h.buckets.iter_mut().find(|(l, _)| *l == le) {
+                    Some((_, c)) => *c += value,
+                    None => h.buckets.push((le, value)),
+                }
             } else if n == sum_name {
-                h.sum = value;
+                h.sum += value;
             } else {
-                h.count = value;
+                h.count += value;
             }
         }
         h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -491,6 +496,25 @@ silverguard_mqtt_connections_up 1
         assert_eq!(d.count, 2.0);
         assert_eq!(d.sum, 0.5);
         assert_eq!(Histogram::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn several_instances_pages_add_up() {
+        let both = format!("{METRICS}\n{METRICS}");
+        let name = "silverguard_notify_queued_to_delivered_seconds";
+        let one = Histogram::parse(METRICS, name, &[("channel", "sms")]).unwrap();
+        let two = Histogram::parse(&both, name, &[("channel", "sms")]).unwrap();
+        assert_eq!((two.count, two.sum), (20.0, 3.0));
+        assert_eq!(two.buckets.len(), one.buckets.len());
+        assert_eq!(two.quantile(0.5), one.quantile(0.5));
+        assert_eq!(
+            scalar(
+                &both,
+                "silverguard_ingest_committed_total",
+                &[("kind", "heartbeat")]
+            ),
+            Some(24690.0)
+        );
     }
 
     #[test]
