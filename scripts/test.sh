@@ -37,4 +37,10 @@ cargo run -q --locked -p firmware-sim --bin bracelet-sim -- bench --smoke \
   --silverguard-bin target/debug/silverguard \
   --service-log target/bench/smoke-silverguard.log \
   --json target/bench/smoke.json
+# Bounded fuzzing of both cargo-fuzz targets on the committed corpus (docs/fuzzing.md). The
+# build is kept outside the checkout so that CI on the same machine reuses it: cold, installing
+# cargo-fuzz and building libFuzzer costs a few minutes; warm, about a minute.
+log "bounded fuzzing"
+FUZZ_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/silverguard/fuzz-target}" \
+  scripts/fuzz.sh "${SILVERGUARD_FUZZ_SECONDS:-15}"
 log "all tests passed"
