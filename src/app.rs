@@ -139,6 +139,7 @@ impl Application {
             notify_cancel.clone(),
         );
         let notifier = crate::notify::outbox::Notifier {
+            claimer: crate::notify::outbox::Claimer::start(&settings.mqtt.client_id),
             pool: pool.clone(),
             settings: std::sync::Arc::new(settings.alerts.clone()),
             channels,

@@ -4,7 +4,8 @@
 //! Claiming is `FOR UPDATE SKIP LOCKED` plus a lease: each row is handed to one worker in
 //! one instance; if that process dies mid-send, the lease expires and the row is taken again
 //! (at-least-once towards providers, with the outbox id as the idempotency key where the
-//! provider supports one).
+//! provider supports one). Each claim names its [`Claimer`], so a process restarted under
+//! the same instance id takes back its predecessor's rows at once instead of after the lease.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -49,8 +50,27 @@ impl Channels {
     }
 }
 
+/// Who claims outbox rows: the instance (its `mqtt.client_id`, unique per instance and stable
+/// across restarts) and this process (a token drawn at start).
+#[derive(Debug, Clone)]
+pub struct Claimer {
+    pub instance: String,
+    pub boot: i64,
+}
+
+impl Claimer {
+    /// A new process of `instance`.
+    pub fn start(instance: &str) -> Self {
+        Claimer {
+            instance: instance.to_string(),
+            boot: rand::random::<i64>(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Notifier {
+    pub claimer: Claimer,
     pub pool: Pool,
     pub settings: Arc<AlertSettings>,
     pub channels: Channels,
@@ -93,7 +113,18 @@ impl Notifier {
         const CONCURRENCY: usize = 32;
         let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         let mut tasks = tokio::task::JoinSet::new();
+        let mut orphans_taken = false;
         loop {
+            // Until it succeeds once (the database may not be there yet at start).
+            if !orphans_taken {
+                orphans_taken = match self.take_back_orphans().await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not take back a previous process's outbox rows; will retry");
+                        false
+                    }
+                };
+            }
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits();
             let mut claimed_full = false;
@@ -131,13 +162,36 @@ impl Notifier {
         while tasks.join_next().await.is_some() {}
     }
 
+    /// Rows that an earlier process of this instance claimed and never finished: it is dead
+    /// (instance ids are unique and a process draws a new token at each start), so they are
+    /// due again now rather than when their lease runs out. Their messages may have reached
+    /// the provider before the crash, so some may arrive twice (at-least-once).
+    async fn take_back_orphans(&self) -> Result<u64, StoreError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "UPDATE outbox SET status = 'pending', lease_until = NULL, next_attempt_at = now()
+                 WHERE status = 'sending' AND claimed_by = $1 AND claimed_boot IS DISTINCT FROM $2
+                 RETURNING id, alert_id",
+                &[&self.claimer.instance, &self.claimer.boot],
+            )
+            .await?;
+        for r in &rows {
+            let (id, alert_id): (i64, i64) = (r.get(0), r.get(1));
+            tracing::warn!(alert_id, outbox_id = id, instance = %self.claimer.instance,
+                "taking back a notification a previous process was sending when it stopped");
+        }
+        Ok(rows.len() as u64)
+    }
+
     async fn claim(&self, limit: i64) -> Result<Vec<Claimed>, StoreError> {
         let client = self.pool.get().await?;
         let lease = LEASE.as_secs_f64();
         let rows = client
             .query(
                 "UPDATE outbox o SET status = 'sending', attempts = o.attempts + 1,
-                        lease_until = now() + make_interval(secs => $2)
+                        lease_until = now() + make_interval(secs => $2),
+                        claimed_by = $3, claimed_boot = $4
                  WHERE o.id IN (
                      SELECT id FROM outbox
                      WHERE (status = 'pending' OR (status = 'sending' AND lease_until < now()))
@@ -147,7 +201,7 @@ impl Notifier {
                      FOR UPDATE SKIP LOCKED)
                  RETURNING o.id, o.alert_id, o.contact_id, o.role, o.channel, o.recipient, o.language,
                            o.urgent, o.attempts, o.step, o.created_at",
-                &[&limit, &lease],
+                &[&limit, &lease, &self.claimer.instance, &self.claimer.boot],
             )
             .await?;
         Ok(rows

@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "console",
         sql: include_str!("../../migrations/0004_console.sql"),
     },
+    Migration {
+        version: 5,
+        name: "outbox_claimer",
+        sql: include_str!("../../migrations/0005_outbox_claimer.sql"),
+    },
 ];
 
 fn checksum(sql: &str) -> String {

@@ -393,6 +393,95 @@ steps = [
     drop(service);
 }
 
+/// A process killed while a provider holds its SOS message: the row stays `sending` under a
+/// 60 s lease, but the process restarted under the same instance id takes it back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_send_the_restarted_process_resends_at_once_not_after_the_lease() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::start().await;
+    let smtp = SmtpSink::start().await;
+    let sms = CaptureServer::start().await;
+    // A gateway that takes the connection and never answers: the send hangs in flight.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_url = format!("http://{}/sms", hung.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((sock, _)) = hung.accept().await {
+            keep.lock().unwrap().push(sock);
+        }
+    });
+    let config = |sms_url: &str| {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            format!(
+                r#"
+[notify.email]
+url = "{smtp}"
+[notify.sms]
+provider = "webhook"
+url = "{sms_url}"
+# Longer than the test: the hung send stays in flight until the kill.
+timeout = "120s"
+[alerts]
+sweep_interval = "200ms"
+"#,
+                smtp = smtp.url(),
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let hung_config = config(&hung_url);
+    let client_id = unique("killsend-");
+    let mut service =
+        ServiceProcess::spawn_with(&db, &broker, &client_id, Some(hung_config.path()));
+    service.wait_ready().await;
+    let h = household(&db, "ks").await;
+    sos(&broker, &h.device, 1).await;
+    let c = db.client().await;
+    wait_until("the SOS SMS is in flight", Duration::from_secs(10), || async {
+        c.query_one(
+            "SELECT count(*) FROM outbox WHERE channel = 'sms' AND status = 'sending' AND lease_until > now() + interval '30 seconds'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0) >= 1)
+        .unwrap_or(false)
+    })
+    .await;
+    service.kill9();
+    accept.abort();
+    held.lock().unwrap().clear();
+    let good_config = config(&sms.url("/sms"));
+    let restarted = Instant::now();
+    let service = ServiceProcess::spawn_with(&db, &broker, &client_id, Some(good_config.path()));
+    service.wait_ready().await;
+    // Without taking its rows back, the new process would wait out the 60 s lease.
+    wait_until(
+        "the grid worker's and the guardian's SMS after the restart",
+        Duration::from_secs(15),
+        || async {
+            !sms.matching(&h.grid_phone).is_empty() && !sms.matching(&h.guardian_phone).is_empty()
+        },
+    )
+    .await;
+    assert!(restarted.elapsed() < Duration::from_secs(30));
+    let c = db.client().await;
+    wait_until("every SOS row sent", Duration::from_secs(10), || async {
+        c.query_one(
+            "SELECT count(*) FILTER (WHERE status <> 'sent'), count(*) FROM outbox WHERE channel = 'sms' AND step = 0",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0) == 0 && r.get::<_, i64>(1) >= 2)
+        .unwrap_or(false)
+    })
+    .await;
+    drop(service);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_is_delivered_after_the_smtp_server_comes_back() {
     let db = TestDb::new().await;
