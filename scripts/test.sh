@@ -25,6 +25,8 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo test"
 cargo test --workspace --locked -- "$@"
+log "README --help transcripts"
+python3 scripts/readme-help.py --check
 # The bench's smoke version: a few seconds of load with SOS on top, end to end through the
 # built binaries, asserting zero loss (not speed; performance runs are scripts/bench.sh).
 SMOKE_PORT=${SILVERGUARD_SMOKE_BROKER_PORT:-18841}

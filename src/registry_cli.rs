@@ -364,14 +364,15 @@ pub struct BrokerAdminArgs {
     /// The dynamic-security admin [default: broker_admin.username].
     #[arg(long, env = "SILVERGUARD_BROKER_ADMIN_USER")]
     pub admin_user: Option<String>,
-    /// Environment variable holding the admin's password [default: broker_admin.password].
+    /// Environment variable holding the admin's password (when it is unset or empty:
+    /// broker_admin.password).
     #[arg(long, default_value = "SILVERGUARD_BROKER_ADMIN_PASSWORD")]
     pub admin_password_env: String,
 }
 
 impl BrokerAdminArgs {
     pub fn admin(&self, settings: &Settings) -> anyhow::Result<BrokerAdmin> {
-        let mut s: BrokerAdminSettings = broker_admin_settings(settings);
+        let mut s: BrokerAdminSettings = settings.broker_admin.clone();
         if let Some(u) = &self.broker_url {
             s.url = u.clone();
         }
@@ -385,12 +386,6 @@ impl BrokerAdminArgs {
         }
         Ok(BrokerAdmin::from_settings(&s, &settings.mqtt)?)
     }
-}
-
-/// The `[broker_admin]` settings. Until that section is part of `Settings`, the defaults
-/// (the command-line flags and environment then supply everything).
-fn broker_admin_settings(settings: &Settings) -> BrokerAdminSettings {
-    settings.broker_admin.clone()
 }
 
 #[derive(Subcommand)]
