@@ -20,6 +20,8 @@ BINARIES = {"silverguard", "bracelet-sim"}
 def run(command: str) -> list[str]:
     argv = command.split()
     argv[0] = os.path.join(ROOT, "target", "debug", argv[0])
+    if not os.path.exists(argv[0]):
+        sys.exit(f"{argv[0]} is not built: run `cargo build --workspace` first")
     out = subprocess.run(argv, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     return out.stdout.rstrip("\n").split("\n")
 

@@ -25,8 +25,6 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo test"
 cargo test --workspace --locked -- "$@"
-log "README --help transcripts"
-python3 scripts/readme-help.py --check
 # The bench's smoke version: a few seconds of load with SOS on top, end to end through the
 # built binaries, asserting zero loss (not speed; performance runs are scripts/bench.sh).
 SMOKE_PORT=${SILVERGUARD_SMOKE_BROKER_PORT:-18841}
@@ -39,6 +37,9 @@ cargo run -q --locked -p firmware-sim --bin bracelet-sim -- bench --smoke \
   --silverguard-bin target/debug/silverguard \
   --service-log target/bench/smoke-silverguard.log \
   --json target/bench/smoke.json
+# Both binaries are built now (bracelet-sim by the smoke run above).
+log "README --help transcripts"
+python3 scripts/readme-help.py --check
 # Bounded fuzzing of both cargo-fuzz targets on the committed corpus (docs/fuzzing.md). The
 # build is kept outside the checkout so that CI on the same machine reuses it: cold, installing
 # cargo-fuzz and building libFuzzer costs a few minutes; warm, about a minute.
