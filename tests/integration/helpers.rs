@@ -412,45 +412,55 @@ pub struct CaptureServer {
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
 }
 
+/// The stand-ins' HTTP side: records every request (path, body, time) and answers like an
+/// SMS or IM provider that accepted it; while `failing` is set it answers 503 and records
+/// nothing.
+fn capture_router(
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> axum::Router {
+    use axum::extract::{Request, State};
+    use std::sync::atomic::Ordering;
+    type Shared = (
+        std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    );
+    async fn handle(
+        State((reqs, failing)): State<Shared>,
+        req: Request,
+    ) -> (axum::http::StatusCode, String) {
+        let path = req.uri().to_string();
+        let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        if failing.load(Ordering::SeqCst) {
+            return (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "{\"error\":\"down\"}".into(),
+            );
+        }
+        if let Ok(mut r) = reqs.lock() {
+            r.push(Captured {
+                path,
+                body: String::from_utf8_lossy(&body).into_owned(),
+                at: std::time::Instant::now(),
+            });
+        }
+        (
+            axum::http::StatusCode::OK,
+            "{\"id\":\"stand-in\",\"errcode\":0}".into(),
+        )
+    }
+    axum::Router::new()
+        .fallback(handle)
+        .with_state((requests, failing))
+}
+
 impl CaptureServer {
     pub async fn start() -> CaptureServer {
-        use axum::extract::{Request, State};
-        use std::sync::atomic::Ordering;
-        type Shared = (
-            std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
-            std::sync::Arc<std::sync::atomic::AtomicBool>,
-        );
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        async fn handle(
-            State((reqs, failing)): State<Shared>,
-            req: Request,
-        ) -> (axum::http::StatusCode, String) {
-            let path = req.uri().to_string();
-            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
-                .await
-                .unwrap_or_default();
-            if failing.load(Ordering::SeqCst) {
-                return (
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    "{\"error\":\"down\"}".into(),
-                );
-            }
-            if let Ok(mut r) = reqs.lock() {
-                r.push(Captured {
-                    path,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                    at: std::time::Instant::now(),
-                });
-            }
-            (
-                axum::http::StatusCode::OK,
-                "{\"id\":\"stand-in\",\"errcode\":0}".into(),
-            )
-        }
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state((requests.clone(), failing.clone()));
+        let app = capture_router(requests.clone(), failing.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -786,39 +796,8 @@ impl SwitchableStandIn {
 
     /// Starts answering (again) on the same port.
     pub async fn up(&mut self) {
-        use axum::extract::{Request, State};
-        use std::sync::atomic::Ordering;
-        type Shared = (
-            std::sync::Arc<std::sync::Mutex<Vec<Captured>>>,
-            std::sync::Arc<std::sync::atomic::AtomicBool>,
-        );
-        async fn handle(
-            State((reqs, down)): State<Shared>,
-            req: Request,
-        ) -> (axum::http::StatusCode, String) {
-            let path = req.uri().to_string();
-            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
-                .await
-                .unwrap_or_default();
-            if down.load(Ordering::SeqCst) {
-                return (
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    "{\"error\":\"down\"}".into(),
-                );
-            }
-            if let Ok(mut r) = reqs.lock() {
-                r.push(Captured {
-                    path,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                    at: std::time::Instant::now(),
-                });
-            }
-            (axum::http::StatusCode::OK, "{\"id\":\"stand-in\"}".into())
-        }
-        self.down.store(false, Ordering::SeqCst);
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state((self.requests.clone(), self.down.clone()));
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        let app = capture_router(self.requests.clone(), self.down.clone());
         // The port was ours a moment ago; after a stop it may sit in TIME_WAIT briefly.
         let addr = format!("127.0.0.1:{}", self.port);
         let mut listener = None;
