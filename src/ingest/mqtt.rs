@@ -47,6 +47,9 @@ pub enum MqttConfigError {
     Tls(String),
 }
 
+/// Outgoing QoS 1 publishes in flight per connection, unless raised (the downlink).
+pub const OUTGOING_INFLIGHT: u16 = 64;
+
 /// Builds the options for connection `index` of this instance.
 pub fn options(settings: &MqttSettings, index: usize) -> Result<MqttOptions, MqttConfigError> {
     options_for(settings, &index.to_string())
@@ -79,6 +82,11 @@ pub fn options_for(settings: &MqttSettings, suffix: &str) -> Result<MqttOptions,
         authentication_method: None,
         authentication_data: None,
     });
+    // rumqttc allocates (and touches) one slot per outgoing in-flight packet id up front:
+    // 65,535 slots, about 14 MiB per connection, by default. These connections publish
+    // nothing but acks (subscriptions take packet ids from the same range); the downlink
+    // raises it for its commands.
+    opts.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     // Acks flow through the request channel: room for a full window of them.
     opts.set_request_channel_capacity(settings.receive_maximum as usize + 64);
     let mut net = rumqttc::NetworkOptions::new();

@@ -1077,6 +1077,13 @@ async fn a_grid_worker_sees_an_sos_live_and_acknowledging_stops_escalation() {
         .send_keys("代购降压药（氨氯地平）")
         .await
         .unwrap();
+    // The visit's confirmation is still on the page: remove it so that the wait below sees
+    // the confirmation of the work order, not the one before (a race CI once lost).
+    js(
+        &b,
+        "document.querySelectorAll('.flash').forEach(e => e.remove()); return true;",
+    )
+    .await;
     b.find(Locator::Css("#wo-form button"))
         .await
         .unwrap()
