@@ -1,5 +1,7 @@
 //! Storage upkeep: heartbeat retention drops whole daily partitions past the configured age
-//! and nothing younger.
+//! and nothing younger; the `device_latest` flush writes every pending device.
+
+use std::time::Duration;
 
 use crate::helpers::*;
 
@@ -65,4 +67,58 @@ async fn retention_drops_partitions_past_their_age_and_keeps_the_rest() {
         .unwrap()
         .unwrap();
     assert!(again.partitions_dropped.is_empty());
+}
+
+/// A flush bigger than one statement's chunk (2,000 devices) writes every device, and the
+/// newest value wins for a device seen twice.
+#[tokio::test]
+async fn device_latest_flush_of_many_devices_writes_them_all_in_chunks() {
+    use silverguard::ingest::writer::{run_latest_tracker, LatestUpdate};
+    let db = TestDb::new().await;
+    let ids: Vec<String> = (0..4_500).map(|i| format!("lt-{i:05}")).collect();
+    provision(&db, ids.clone()).await;
+    let mut s = silverguard::config::Settings::default();
+    s.database.url = silverguard::config::Secret::new(db.url.clone());
+    let pool = silverguard::store::build_pool(&s.database).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    // A long interval: the only flush is the final one, with every device pending at once.
+    let tracker = tokio::spawn(run_latest_tracker(
+        rx,
+        pool.clone(),
+        Duration::from_secs(3600),
+        3,
+    ));
+    let t0 = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let seen = |minutes: i64| -> Vec<LatestUpdate> {
+        ids.iter()
+            .map(|id| LatestUpdate::Seen {
+                device_id: id.clone(),
+                at: t0 + chrono::Duration::minutes(minutes),
+            })
+            .collect()
+    };
+    tx.send(seen(2)).await.unwrap();
+    tx.send(seen(1)).await.unwrap(); // older: must not win
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(60), tracker)
+        .await
+        .expect("the tracker flushed and stopped")
+        .unwrap();
+    assert_eq!(
+        db.count("SELECT count(*) FROM device_latest WHERE device_id LIKE 'lt-%'")
+            .await,
+        4_500
+    );
+    let newest = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM device_latest WHERE device_id LIKE 'lt-%' AND last_seen_at = $1",
+            &[&(t0 + chrono::Duration::minutes(2))],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(newest, 4_500);
+    pool.close();
 }
