@@ -47,8 +47,9 @@ pub enum MqttConfigError {
     Tls(String),
 }
 
-/// Outgoing QoS 1 publishes in flight per connection, unless raised (the downlink).
-pub const OUTGOING_INFLIGHT: u16 = 64;
+/// Outgoing QoS 1 publishes in flight per connection. The ingest connections publish
+/// nothing; the downlink publishes one command at a time and waits for its ack.
+const OUTGOING_INFLIGHT: u16 = 64;
 
 /// Builds the options for connection `index` of this instance.
 pub fn options(settings: &MqttSettings, index: usize) -> Result<MqttOptions, MqttConfigError> {
@@ -83,9 +84,8 @@ pub fn options_for(settings: &MqttSettings, suffix: &str) -> Result<MqttOptions,
         authentication_data: None,
     });
     // rumqttc allocates (and touches) one slot per outgoing in-flight packet id up front:
-    // 65,535 slots, about 14 MiB per connection, by default. These connections publish
-    // nothing but acks (subscriptions take packet ids from the same range); the downlink
-    // raises it for its commands.
+    // 65,535 slots, about 14 MiB per connection, by default. Subscriptions take their packet
+    // ids from the same range, so it must stay above 1.
     opts.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     // Acks flow through the request channel: room for a full window of them.
     opts.set_request_channel_capacity(settings.receive_maximum as usize + 64);

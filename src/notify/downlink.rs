@@ -14,9 +14,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::MqttSettings;
 use crate::ingest::mqtt::{options, MqttConfigError};
 
-/// QoS 1 commands in flight on the downlink connection (each slot is allocated up front).
-const DOWNLINK_INFLIGHT: u16 = 1024;
-
 type Request = (String, Vec<u8>, oneshot::Sender<Result<(), String>>);
 
 #[derive(Clone)]
@@ -35,8 +32,6 @@ impl Downlink {
         opts.set_clean_start(true);
         opts.set_manual_acks(false);
         opts.set_session_expiry_interval(None);
-        // Commands in flight at once; the broker may lower it (its receive maximum).
-        opts.set_outgoing_inflight_upper_limit(DOWNLINK_INFLIGHT);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (acks_tx, mut acks_rx) = mpsc::channel::<()>(64);
         let poll_cancel = cancel.clone();
