@@ -81,6 +81,7 @@ pub struct IngestMetrics {
     pub mqtt_connection_errors: Counter,
     pub pending_acks: Gauge,
     pub acks_sent: Counter,
+    pub ack_writes: Counter,
 }
 
 impl IngestMetrics {
@@ -262,6 +263,12 @@ impl Metrics {
             "PUBACKs sent to the broker after commit",
             acks_sent.clone(),
         );
+        let ack_writes = Counter::default();
+        r.register(
+            "ingest_ack_writes",
+            "Writes to the broker carrying PUBACKs (acks_sent / ack_writes: acknowledgements per write)",
+            ack_writes.clone(),
+        );
         let attempts = Family::<DeliveryLabel, Counter>::default();
         r.register(
             "notify_attempts",
@@ -310,6 +317,7 @@ impl Metrics {
                 mqtt_connection_errors,
                 pending_acks,
                 acks_sent,
+                ack_writes,
             },
         }
     }

@@ -21,6 +21,7 @@
 //! fills, the broker stops sending and queues for us (persistent session), and nothing is lost.
 
 pub mod mqtt;
+pub mod session;
 pub use silverguard_core::validate;
 pub mod writer;
 
@@ -47,14 +48,14 @@ pub struct AckToken {
 
 /// Sends "committed" back to the connection's acker. Ackers live as long as the pipeline.
 #[derive(Clone)]
-pub struct AckSenders(Arc<Vec<mpsc::UnboundedSender<mqtt::AckCmd>>>);
+pub struct AckSenders(Arc<Vec<mpsc::UnboundedSender<session::AckCmd>>>);
 
 impl AckSenders {
     pub fn done(&self, token: AckToken) {
         if let Some(tx) = self.0.get(token.conn as usize) {
             // A closed acker means the connection task is gone (shutdown): the broker will
             // redeliver, which the unique keys make harmless.
-            let _ = tx.send(mqtt::AckCmd::Done(token.seq));
+            let _ = tx.send(session::AckCmd::Done(token.seq));
         }
     }
 
@@ -69,7 +70,7 @@ impl AckSenders {
         }
         for (tx, seqs) in self.0.iter().zip(per_conn) {
             if !seqs.is_empty() {
-                let _ = tx.send(mqtt::AckCmd::DoneMany(seqs));
+                let _ = tx.send(session::AckCmd::DoneMany(seqs));
             }
         }
     }
@@ -326,17 +327,17 @@ impl Pipeline {
         // Connections 0..N share the configured filter; one more (`-evt`) takes device events
         // alone, so an SOS never waits behind heartbeats in an in-flight window (see
         // `mqtt::event_filter`).
-        let mut options: Vec<_> = (0..m.connections)
-            .map(|i| mqtt::options(m, i).map(|o| (o, mqtt::subscription_filter(m))))
+        let mut sessions: Vec<_> = (0..m.connections)
+            .map(|i| session::SessionConfig::new(m, &i.to_string(), mqtt::subscription_filter(m)))
             .collect::<Result<_, _>>()?;
         let event_conn = match mqtt::event_filter(m) {
             Some(filter) => {
-                options.push((mqtt::options_for(m, "evt")?, filter));
+                sessions.push(session::SessionConfig::new(m, "evt", filter)?);
                 Some(m.connections as u16)
             }
             None => None,
         };
-        let n_conns = options.len();
+        let n_conns = sessions.len();
         let known = KnownDevices::default();
         known.replace(crate::store::devices::all_ids(&pool).await?);
         tracing::info!(devices = known.len(), "device registry loaded");
@@ -452,22 +453,17 @@ impl Pipeline {
                 .unwrap_or(chrono::TimeDelta::days(7)),
         };
         let mut connections = tokio::task::JoinSet::new();
-        for (i, ((opts, filter), ack_rx)) in options.into_iter().zip(ack_receivers).enumerate() {
-            let (client, eventloop) =
-                rumqttc::v5::AsyncClient::new(opts, m.receive_maximum as usize + 64);
+        for (i, (cfg, ack_rx)) in sessions.into_iter().zip(ack_receivers).enumerate() {
             let (pending_tx, pending_rx) = tokio::sync::watch::channel(0usize);
-            lanes.spawn(mqtt::run_acker(
-                client.clone(),
+            lanes.spawn(session::run_acker(
                 ack_rx,
                 pending_tx,
-                router.clone(),
+                metrics.clone(),
+                m.keep_alive,
             ));
-            connections.spawn(mqtt::run_connection(
+            connections.spawn(session::run_connection(
                 i as u16,
-                m.clone(),
-                filter,
-                client,
-                eventloop,
+                cfg,
                 ack_senders[i].clone(),
                 pending_rx,
                 router.clone(),

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttSettings;
-use crate::ingest::mqtt::{options, MqttConfigError};
+use crate::ingest::mqtt::{publisher_options, MqttConfigError};
 
 type Request = (String, Vec<u8>, oneshot::Sender<Result<(), String>>);
 
@@ -26,12 +26,8 @@ impl Downlink {
         settings: &MqttSettings,
         cancel: CancellationToken,
     ) -> Result<Downlink, MqttConfigError> {
-        let mut opts = options(settings, 0)?;
-        opts.set_client_id(format!("{}-downlink", settings.client_id));
         // Nothing to resume: a command not acknowledged is retried by the outbox.
-        opts.set_clean_start(true);
-        opts.set_manual_acks(false);
-        opts.set_session_expiry_interval(None);
+        let opts = publisher_options(settings, "downlink")?;
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let (acks_tx, mut acks_rx) = mpsc::channel::<()>(64);
         let poll_cancel = cancel.clone();
