@@ -1157,6 +1157,15 @@ fn service_metrics(m0: &str, m1: &str) -> report::ServiceMetrics {
         )),
         ingest_pipeline: HistSummary::of(&delta("silverguard_ingest_pipeline_seconds", &[])),
         heartbeat_batch_rows_mean: delta("silverguard_ingest_batch_rows", &[]).mean(),
+        acks_per_write: {
+            let counter = |text: &str, name: &str| stats::scalar(text, name, &[]).unwrap_or(0.0);
+            let acks = counter(m1, "silverguard_ingest_acks_sent_total")
+                - counter(m0, "silverguard_ingest_acks_sent_total");
+            let writes = counter(m1, "silverguard_ingest_ack_writes_total")
+                - counter(m0, "silverguard_ingest_ack_writes_total");
+            // A service without the counter (older builds) reports none.
+            (writes > 0.0).then(|| acks / writes)
+        },
     }
 }
 

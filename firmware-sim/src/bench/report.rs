@@ -136,6 +136,8 @@ pub struct ServiceMetrics {
     pub ingest_commit_event: HistSummary,
     pub ingest_pipeline: HistSummary,
     pub heartbeat_batch_rows_mean: Option<f64>,
+    /// PUBACKs per write to the broker over the window (the ingest session's batching).
+    pub acks_per_write: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -650,6 +652,9 @@ impl BenchReport {
         }
         if let Some(r) = sm.heartbeat_batch_rows_mean {
             row(&mut o, "mean heartbeat batch", format!("{r:.0} rows"));
+        }
+        if let Some(r) = sm.acks_per_write {
+            row(&mut o, "PUBACKs per write to the broker", format!("{r:.0}"));
         }
         let sms = &self.sms;
         if sms.refused + sms.repeats + sms.unexpected > 0 {
