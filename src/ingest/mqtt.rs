@@ -1,6 +1,6 @@
-//! MQTT settings shared by every connection of the service: the broker's address, the
-//! rumqttc options of the connections that publish (the downlink, the credential admin), and
-//! the ingest subscriptions' topic filters. The ingest connections themselves are in
+//! MQTT settings shared by the service's connections: the broker's address, the TLS client
+//! configuration, the rumqttc options of the downlink (which publishes), and the ingest
+//! subscriptions' topic filters. The ingest connections themselves are in
 //! [`super::session`].
 
 use rumqttc::v5::mqttbytes::v5::ConnectProperties;
@@ -67,23 +67,46 @@ pub fn publisher_options(
         opts.set_credentials(user.clone(), pass.expose().to_string());
     }
     if tls {
-        opts.set_transport(tls_transport(settings)?);
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls_client_config(settings)?),
+        ));
     }
     Ok(opts)
 }
 
-fn tls_transport(settings: &MqttSettings) -> Result<rumqttc::Transport, MqttConfigError> {
-    match &settings.ca_file {
-        Some(path) => {
-            let ca = std::fs::read(path).map_err(|e| {
-                MqttConfigError::Tls(format!("cannot read mqtt.ca_file {path}: {e}"))
-            })?;
-            Ok(rumqttc::Transport::tls(ca, None, None))
-        }
-        None => Err(MqttConfigError::Tls(
+/// The TLS client configuration for `mqtts://`: the broker is verified against
+/// `mqtt.ca_file` alone (no fallback to the system roots). Shared by the ingest sessions and
+/// the downlink, so both trust the same CAs.
+pub fn tls_client_config(
+    settings: &MqttSettings,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, MqttConfigError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let Some(path) = &settings.ca_file else {
+        return Err(MqttConfigError::Tls(
             "set mqtt.ca_file (SILVERGUARD_MQTT__CA_FILE) to the broker's CA bundle".into(),
-        )),
+        ));
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| MqttConfigError::Tls(format!("cannot read mqtt.ca_file {path}: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| MqttConfigError::Tls(format!("mqtt.ca_file {path}: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| MqttConfigError::Tls(format!("mqtt.ca_file {path}: {e}")))?;
     }
+    if roots.is_empty() {
+        return Err(MqttConfigError::Tls(format!(
+            "mqtt.ca_file {path} holds no certificate"
+        )));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttConfigError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 pub fn subscription_filter(settings: &MqttSettings) -> String {

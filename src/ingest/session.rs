@@ -24,7 +24,6 @@
 //! for twice the keep-alive, and reconnects.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -38,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::mqtt::{broker_address, MqttConfigError};
+use super::mqtt::{broker_address, tls_client_config, MqttConfigError};
 use super::{AckToken, Router};
 use crate::config::MqttSettings;
 use crate::ingest::validate::Limits;
@@ -143,7 +142,10 @@ impl SessionConfig {
         let tls = if tls {
             let name = rustls::pki_types::ServerName::try_from(host.clone())
                 .map_err(|e| MqttConfigError::Tls(format!("server name {host:?}: {e}")))?;
-            Some((tls_connector(settings)?, name))
+            Some((
+                tokio_rustls::TlsConnector::from(tls_client_config(settings)?),
+                name,
+            ))
         } else {
             None
         };
@@ -165,36 +167,6 @@ impl SessionConfig {
             max_packet_bytes: settings.max_packet_bytes,
         })
     }
-}
-
-fn tls_connector(settings: &MqttSettings) -> Result<tokio_rustls::TlsConnector, MqttConfigError> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let Some(path) = &settings.ca_file else {
-        return Err(MqttConfigError::Tls(
-            "set mqtt.ca_file (SILVERGUARD_MQTT__CA_FILE) to the broker's CA bundle".into(),
-        ));
-    };
-    let pem = std::fs::read(path)
-        .map_err(|e| MqttConfigError::Tls(format!("cannot read mqtt.ca_file {path}: {e}")))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| MqttConfigError::Tls(format!("mqtt.ca_file {path}: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| MqttConfigError::Tls(format!("mqtt.ca_file {path}: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(MqttConfigError::Tls(format!(
-            "mqtt.ca_file {path} holds no certificate"
-        )));
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| MqttConfigError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 fn encode(packet: &Packet, out: &mut BytesMut) -> Result<(), CodecError> {
