@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_claimer",
         sql: include_str!("../../migrations/0005_outbox_claimer.sql"),
     },
+    Migration {
+        version: 6,
+        name: "latest_hot_updates",
+        sql: include_str!("../../migrations/0006_latest_hot_updates.sql"),
+    },
 ];
 
 fn checksum(sql: &str) -> String {

@@ -590,7 +590,11 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
     )
     .await
     .unwrap();
-    for seq in 1..=3u64 {
+    // Two reports 2 s apart, in two flushes: the second moves the exact deadline
+    // (`silent_after`) but not the indexed one (`silence_check_at`, still 4 s away from the
+    // second report, more than half of the 6 s threshold). An alert at the indexed deadline
+    // would come 2 s early.
+    for seq in 1..=2u64 {
         let hb = OneShot::Heartbeat(pb::Heartbeat {
             seq,
             measured_at_ms: chrono::Utc::now().timestamp_millis(),
@@ -603,7 +607,35 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
         send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
             .await
             .unwrap();
+        wait_until(
+            "the report in device_latest, 2 s old",
+            Duration::from_secs(10),
+            || async {
+                c.query_one(
+                    "SELECT count(*) FROM device_latest
+                  WHERE device_id = $1 AND last_hb_seq = $2
+                    AND last_seen_at <= now() - interval '2 seconds'",
+                    &[&h.device, &(seq as i64)],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+            },
+        )
+        .await;
     }
+    let (lazy, exact): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = c
+        .query_one(
+            "SELECT silence_check_at, silent_after FROM device_latest WHERE device_id = $1",
+            &[&h.device],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert!(
+        exact - lazy >= chrono::TimeDelta::milliseconds(1500),
+        "the indexed deadline {lazy} should have stayed behind the exact one {exact}"
+    );
     // Deadline: last seen + 2 s x 3.
     wait_until("device_silent alert", Duration::from_secs(30), || async {
         c.query_one(
