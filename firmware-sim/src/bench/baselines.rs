@@ -84,6 +84,11 @@ pub struct BrokerBaseline {
     pub received_per_s: f64,
     pub published: u64,
     pub received: u64,
+    /// Every `mosquitto` process here over the window, % of one core: at 100 % the broker's
+    /// one thread is the limit; well below, the publisher or the machine is.
+    pub broker_cpu_percent: Option<f64>,
+    /// The bench (publisher and bare subscriber) over the window, % of one core.
+    pub bench_cpu_percent: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -225,17 +230,30 @@ pub async fn broker_passthrough(
     )
     .await?;
     tokio::time::sleep(warmup).await;
-    let (t0, p0, r0) = (
+    let cpu = || {
+        (
+            super::service::ticks_by_command("mosquitto"),
+            super::service::process_ticks(std::process::id()),
+        )
+    };
+    let (t0, p0, r0, cpu0) = (
         Instant::now(),
         load.counters.published(),
         received.load(Ordering::Relaxed),
+        cpu(),
     );
     tokio::time::sleep(window).await;
-    let (t1, p1, r1) = (
+    let (t1, p1, r1, cpu1) = (
         Instant::now(),
         load.counters.published(),
         received.load(Ordering::Relaxed),
+        cpu(),
     );
+    let ticks = super::service::clock_ticks_per_s();
+    let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some(super::stats::cpu_percent(a, b, ticks, t1 - t0)),
+        _ => None,
+    };
     let published = load.counters.clone();
     load.stop(Duration::from_secs(10)).await;
     // Let the subscriber take what the broker still has for it.
@@ -255,6 +273,8 @@ pub async fn broker_passthrough(
         received_per_s: (r1 - r0) as f64 / secs,
         published: total,
         received: received.load(Ordering::Relaxed),
+        broker_cpu_percent: pct(cpu0.0, cpu1.0),
+        bench_cpu_percent: pct(cpu0.1, cpu1.1),
     })
 }
 

@@ -134,6 +134,18 @@ pub struct Storage {
     pub bytes_per_row: Option<f64>,
 }
 
+/// What the run did to `device_latest`, the one row per device the service rewrites for every
+/// device that reported (PostgreSQL's statistics, read at the end of the run).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct LatestTable {
+    pub updates: u64,
+    /// Updates that wrote no index entry (heap-only tuples).
+    pub hot_updates: u64,
+    pub hot_pct: Option<f64>,
+    /// Heap and indexes.
+    pub bytes: u64,
+}
+
 impl BenchDb {
     pub async fn connect(url: &str) -> Result<BenchDb, BenchError> {
         Ok(BenchDb {
@@ -192,6 +204,33 @@ impl BenchDb {
             rows,
             bytes,
             bytes_per_row: (rows > 0).then(|| bytes as f64 / rows as f64),
+        })
+    }
+
+    /// Row updates of `device_latest` and how many were HOT. The statistics reach the view
+    /// within about a second of each transaction; the run has drained by the time this is read.
+    pub async fn latest_table(&self) -> Option<LatestTable> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT coalesce(s.n_tup_upd, 0)::int8, coalesce(s.n_tup_hot_upd, 0)::int8,
+                        pg_total_relation_size('device_latest')::int8
+                   FROM pg_stat_user_tables s WHERE s.relname = 'device_latest'",
+                &[],
+            )
+            .await
+            .ok()?;
+        let (updates, hot, bytes): (i64, i64, i64) = (
+            row.try_get(0).ok()?,
+            row.try_get(1).ok()?,
+            row.try_get(2).ok()?,
+        );
+        let (updates, hot_updates) = (updates.max(0) as u64, hot.max(0) as u64);
+        Some(LatestTable {
+            updates,
+            hot_updates,
+            hot_pct: (updates > 0).then(|| hot_updates as f64 * 100.0 / updates as f64),
+            bytes: bytes.max(0) as u64,
         })
     }
 

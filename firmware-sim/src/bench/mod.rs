@@ -604,6 +604,9 @@ struct CpuSample {
     /// Each instance.
     each: Vec<Option<u64>>,
     bench: Option<u64>,
+    /// Every `mosquitto` and every `postgres` process on this machine.
+    broker: Option<u64>,
+    database: Option<u64>,
     machine: Option<(u64, u64)>,
 }
 
@@ -614,6 +617,8 @@ impl CpuSample {
             service: service::processes_ticks(pids),
             each: pids.iter().map(|p| service::process_ticks(*p)).collect(),
             bench: service::process_ticks(std::process::id()),
+            broker: service::ticks_by_command("mosquitto"),
+            database: service::ticks_by_command("postgres"),
             machine: std::fs::read_to_string("/proc/stat")
                 .ok()
                 .and_then(|s| stats::parse_machine_cpu(&s)),
@@ -860,6 +865,8 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             service_cpu_percent: pct(cpu0.service, cpu1.service, window),
             service_rss_max_mib: rss_max.map(|k| k as f64 / 1024.0),
             bench_cpu_percent: pct(cpu0.bench, cpu1.bench, window),
+            broker_cpu_percent: pct(cpu0.broker, cpu1.broker, window),
+            database_cpu_percent: pct(cpu0.database, cpu1.database, window),
             machine_cpu_busy_percent: busy_percent(cpu0.machine, cpu1.machine),
             service_metrics: match (&m0, &m1) {
                 (Some(a), Some(b)) => service_metrics(a, b),
@@ -912,6 +919,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     report.sos_samples_loaded = samples(&all_loaded, &traces);
     report.sos_loaded_stages = stages(&report.sos_samples_loaded);
     report.storage = bench_db.storage(committed).await;
+    report.latest_table = bench_db.latest_table().await;
     let (hwm, rss) = service::processes_memory_kib(&pids);
     let instances_usage: Vec<report::InstanceUsage> = pids
         .iter()
@@ -970,6 +978,11 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         service_peak_rss_mib: hwm.map(|k| k as f64 / 1024.0),
         service_rss_end_mib: rss.map(|k| k as f64 / 1024.0),
         bench_cpu_percent: best.bench_cpu_percent.or(pct(cpu0.bench, cpu1.bench, w)),
+        broker_cpu_percent: best.broker_cpu_percent.or(pct(cpu0.broker, cpu1.broker, w)),
+        database_cpu_percent: best
+            .database_cpu_percent
+            .or(pct(cpu0.database, cpu1.database, w)),
+        committed_per_s: Some(best.committed_per_s).filter(|r| *r > 0.0),
         machine_cpu_busy_percent: best
             .machine_cpu_busy_percent
             .or(busy_percent(cpu0.machine, cpu1.machine)),

@@ -6,7 +6,7 @@ use serde::Serialize;
 use std::fmt::Write as _;
 
 use super::baselines::Baselines;
-use super::db::Storage;
+use super::db::{LatestTable, Storage};
 use super::gateway::GatewayTally;
 use super::lag::LagSummary;
 use super::sos::SosSummary;
@@ -148,6 +148,12 @@ pub struct Usage {
     pub service_rss_end_mib: Option<f64>,
     /// The bench process itself, % of one core.
     pub bench_cpu_percent: Option<f64>,
+    /// Every `mosquitto` process on this machine, % of one core (none with a remote broker).
+    pub broker_cpu_percent: Option<f64>,
+    /// Every `postgres` process on this machine, % of one core.
+    pub database_cpu_percent: Option<f64>,
+    /// The committed rate of the same window: CPU per heartbeat = CPU / this.
+    pub committed_per_s: Option<f64>,
     /// Every process on the machine, % of all cores (100 = saturated).
     pub machine_cpu_busy_percent: Option<f64>,
     /// The same over the idle phase, before the load: what else was running.
@@ -203,6 +209,9 @@ pub struct Step {
     /// Largest resident set seen during the window (sampled every second).
     pub service_rss_max_mib: Option<f64>,
     pub bench_cpu_percent: Option<f64>,
+    /// Every `mosquitto` and every `postgres` process here, % of one core.
+    pub broker_cpu_percent: Option<f64>,
+    pub database_cpu_percent: Option<f64>,
     pub machine_cpu_busy_percent: Option<f64>,
     pub service_metrics: ServiceMetrics,
     /// Committed ≥ 98 % of offered, drained, lag p99 under 2 s, nothing lost.
@@ -275,6 +284,8 @@ pub struct BenchReport {
     pub ratios: Ratios,
     /// Bytes per committed heartbeat on disk, indexes included.
     pub storage: Option<Storage>,
+    /// `device_latest` row updates over the run, how many were HOT, and its size.
+    pub latest_table: Option<LatestTable>,
     pub target: Target,
     pub targets5: Targets5,
     /// Why the run failed (lost SOS, lost heartbeats); empty when it passed.
@@ -616,9 +627,35 @@ impl BenchReport {
         );
         row(
             &mut o,
+            "broker CPU (mosquitto, % of one core)",
+            pct(u.broker_cpu_percent),
+        );
+        row(
+            &mut o,
+            "PostgreSQL CPU (% of one core)",
+            pct(u.database_cpu_percent),
+        );
+        row(
+            &mut o,
             "machine busy (% of all cores)",
             pct(u.machine_cpu_busy_percent),
         );
+        if let Some(rate) = u.committed_per_s {
+            // % of one core at `rate` heartbeats/s -> microseconds of CPU per heartbeat.
+            let us =
+                |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{:.1}", p * 1e4 / rate));
+            row(
+                &mut o,
+                "CPU per committed heartbeat (us)",
+                format!(
+                    "silverguard {}, PostgreSQL {}, broker {}, bench {}",
+                    us(u.service_cpu_percent),
+                    us(u.database_cpu_percent),
+                    us(u.broker_cpu_percent),
+                    us(u.bench_cpu_percent)
+                ),
+            );
+        }
         row(
             &mut o,
             "machine busy before the load",
@@ -677,10 +714,13 @@ impl BenchReport {
             if let Some(x) = &b.broker {
                 let _ = writeln!(
                     o,
-                    "  broker pass-through (bare subscriber) {:>8.0}   {}   (bench published {:.0}/s)",
+                    "  broker pass-through (bare subscriber) {:>8.0}   {}   (bench published {:.0}/s; \
+                     mosquitto {} of a core, bench {})",
                     x.received_per_s,
                     ratio(r.vs_broker),
-                    x.published_per_s
+                    x.published_per_s,
+                    pct(x.broker_cpu_percent),
+                    pct(x.bench_cpu_percent)
                 );
             }
             if let Some(x) = &b.copy {
@@ -722,6 +762,18 @@ impl BenchReport {
                     st.bytes_per_row.map_or("-".into(), |v| format!("{v:.0}")),
                     st.rows,
                     st.bytes as f64 / 1_048_576.0
+                ),
+            );
+        }
+        if let Some(l) = &self.latest_table {
+            row(
+                &mut o,
+                "device_latest updates",
+                format!(
+                    "{} ({} HOT, no index entry), table {:.1} MiB with indexes",
+                    l.updates,
+                    l.hot_pct.map_or("-".into(), |p| format!("{p:.0} %")),
+                    l.bytes as f64 / 1_048_576.0
                 ),
             );
         }

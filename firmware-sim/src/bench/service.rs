@@ -344,6 +344,34 @@ impl Services {
     }
 }
 
+/// User + system CPU ticks, summed, of every process on this machine whose command name
+/// (`/proc/<pid>/comm`) is `name`: `mosquitto` for the broker, `postgres` for the whole
+/// PostgreSQL server (postmaster, backends, WAL writer, checkpointer, autovacuum). `None` when
+/// no such process runs here (a remote broker or database). A process that exits between
+/// two samples takes its ticks with it, so short-lived backends are not counted.
+pub fn ticks_by_command(name: &str) -> Option<u64> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let pid = entry.file_name();
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        if let Some(t) = pid.parse().ok().and_then(process_ticks) {
+            total = Some(total.unwrap_or(0) + t);
+        }
+    }
+    total
+}
+
 /// User + system CPU ticks of several processes together (`None` when one cannot be read).
 pub fn processes_ticks(pids: &[u32]) -> Option<u64> {
     pids.iter().map(|p| process_ticks(*p)).sum()
@@ -384,5 +412,13 @@ mod tests {
         let (hwm, rss) = process_memory_kib(pid);
         assert!(hwm.unwrap_or(0) >= rss.unwrap_or(0) && rss.unwrap_or(0) > 0);
         assert!(clock_ticks_per_s() > 0);
+    }
+
+    #[test]
+    fn processes_are_found_by_command_name() {
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let own = process_ticks(std::process::id()).unwrap();
+        assert!(ticks_by_command(comm.trim_end()).is_some_and(|t| t >= own));
+        assert_eq!(ticks_by_command("no-such-command-here"), None);
     }
 }
