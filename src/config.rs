@@ -61,6 +61,7 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub runtime: RuntimeSettings,
     pub alerts: crate::alerts::settings::AlertSettings,
     pub notify: crate::notify::settings::NotifySettings,
     /// The broker's dynamic-security admin, for device credentials (docs/device-credentials.md).
@@ -302,6 +303,24 @@ impl Default for LogSettings {
     }
 }
 
+/// The async runtime the binary builds before it does anything else.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Threads that run Silverguard's tasks; 0 means one per CPU core (tokio's default, or
+    /// `TOKIO_WORKER_THREADS`). One is the default: on a small node that Silverguard shares
+    /// with PostgreSQL and the broker, a second worker mostly adds cross-thread wake-ups
+    /// (measured: 1.7x the CPU per heartbeat, docs/performance.md). Blocking work (password
+    /// hashing) runs on tokio's separate blocking pool, never on these threads.
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings { worker_threads: 1 }
+    }
+}
+
 /// Contract variables named in DESIGN.md, and the setting each one sets.
 const CONTRACT_ENV: &[(&str, &str)] = &[
     ("SILVERGUARD_DATABASE_URL", "database.url"),
@@ -422,6 +441,9 @@ impl Settings {
         }
         if self.mqtt.keep_alive < Duration::from_secs(5) {
             problems.push("mqtt.keep_alive must be at least 5s".into());
+        }
+        if self.runtime.worker_threads > 256 {
+            problems.push("runtime.worker_threads must be between 0 (one per core) and 256".into());
         }
         if self.ingest.batch_max_rows == 0 {
             problems.push("ingest.batch_max_rows must be at least 1".into());

@@ -183,8 +183,7 @@ fn init_tracing(settings: &Settings) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut settings = Settings::load_unvalidated(cli.config.as_deref(), std::env::vars())?;
     if let Some(url) = &cli.database_url {
@@ -207,8 +206,19 @@ async fn main() -> anyhow::Result<()> {
     }
     settings.validate()?;
     init_tracing(&settings);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if settings.runtime.worker_threads > 0 {
+        runtime.worker_threads(settings.runtime.worker_threads);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cli.command, settings))
+}
 
-    match cli.command {
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
         Command::Serve(_) => serve(settings).await,
         Command::Migrate => {
             let url = settings.database.url.expose().to_string();
