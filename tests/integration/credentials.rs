@@ -609,6 +609,25 @@ async fn credentials_isolate_devices_over_tls_and_follow_rotation_and_revocation
         pb::Command::decode(&got_b[0].1[..]).expect("command").id,
         11
     );
+    // An SOS over TLS: the "help is coming" SosAck reaches the bracelet over TLS too. The
+    // service's downlink sends it on a connection of its own, to mqtts:// with the same CA.
+    let sos = pb::Event {
+        seq: 1,
+        occurred_at_ms: chrono::Utc::now().timestamp_millis(),
+        kind: pb::EventKind::Sos as i32,
+        battery_pct: 70,
+        device_id: a.to_string(),
+        ..Default::default()
+    };
+    dev_a
+        .publish(&format!("sg/v1/dev/{a}/evt"), sos.encode_to_vec())
+        .await;
+    let got = dev_a.until_message_on(&format!("sg/v1/dev/{a}/cmd")).await;
+    let ack = pb::Command::decode(&got.last().expect("a command").1[..]).expect("command");
+    assert!(
+        matches!(ack.body, Some(pb::command::Body::SosAck(_))),
+        "{ack:?}"
+    );
 
     // Revoke B: its live connection is closed and it cannot log in again.
     let revoked = credentials::revoke(&pool, &admin, b)
