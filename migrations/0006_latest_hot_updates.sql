@@ -14,10 +14,12 @@
 -- Locks: ADD COLUMN and DROP INDEX take device_latest's strongest lock until this
 -- transaction commits, after rewriting every row and building the new index (seconds for a
 -- million devices). Ingest's flush and the console's device lists wait meanwhile; heartbeats
--- and events do not. Run it in a quiet minute. Old binaries keep working on the new schema:
--- they never move silence_check_at, which then only stays earlier than silent_after (more
--- candidates for the new sweeper, which tests silent_after), and their own sweeper reads
--- silent_after unindexed.
+-- and events do not. Run it in a quiet minute. Old binaries keep working on the new schema
+-- but never write silence_check_at: a device they insert has none (the new sweeper also reads
+-- rows whose silence_check_at is NULL), and a heartbeat interval they shorten leaves it later
+-- than silent_after until a new binary flushes that device, so such an alert can come late
+-- while old and new instances run side by side. Their own sweeper reads silent_after
+-- unindexed.
 ALTER TABLE device_latest ADD COLUMN silence_check_at timestamptz;
 UPDATE device_latest SET silence_check_at = silent_after;
 DROP INDEX device_latest_silent_after;

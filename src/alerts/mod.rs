@@ -431,9 +431,9 @@ async fn sweep_silence(
         .query(
             "SELECT l.device_id, d.elder_id, l.last_seen_at, d.heartbeat_interval_s
              FROM device_latest l JOIN devices d USING (device_id)
-             WHERE l.silence_check_at <= now() AND NOT l.silence_alerted
-               AND l.silent_after <= now()
-             ORDER BY l.silence_check_at LIMIT 500
+             WHERE (l.silence_check_at <= now() OR l.silence_check_at IS NULL)
+               AND NOT l.silence_alerted AND l.silent_after <= now()
+             ORDER BY l.silence_check_at NULLS FIRST LIMIT 500
              FOR UPDATE OF l SKIP LOCKED",
             &[],
         )

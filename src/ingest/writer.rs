@@ -714,11 +714,13 @@ pub async fn run_latest_tracker(
 /// [`LATEST_FLUSH_CHUNK`] devices in device order, the same statement). For the
 /// `latest_upsert` benchmark, which times the flush against a real PostgreSQL; the service
 /// flushes through [`run_latest_tracker`].
+/// Returns how many devices were left unwritten (0 when the flush succeeded).
 #[doc(hidden)]
-pub async fn flush_updates(pool: &Pool, updates: Vec<LatestUpdate>, silence_factor: u32) {
+pub async fn flush_updates(pool: &Pool, updates: Vec<LatestUpdate>, silence_factor: u32) -> usize {
     let mut pending = HashMap::new();
     merge(&mut pending, updates);
     flush_latest(pool, &mut pending, silence_factor as f64).await;
+    pending.len()
 }
 
 fn merge(pending: &mut HashMap<String, Latest>, updates: Vec<LatestUpdate>) {
