@@ -250,10 +250,7 @@ pub async fn broker_passthrough(
         cpu(),
     );
     let ticks = super::service::clock_ticks_per_s();
-    let pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) => Some(super::stats::cpu_percent(a, b, ticks, t1 - t0)),
-        _ => None,
-    };
+    let pct = |a: Option<u64>, b: Option<u64>| super::stats::cpu_percent_of(a, b, ticks, t1 - t0);
     let published = load.counters.clone();
     load.stop(Duration::from_secs(10)).await;
     // Let the subscriber take what the broker still has for it.

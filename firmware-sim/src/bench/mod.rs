@@ -746,10 +746,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     )
     .await?;
     let ticks = service::clock_ticks_per_s();
-    let pct = |a: Option<u64>, b: Option<u64>, w: Duration| match (a, b) {
-        (Some(a), Some(b)) => Some(stats::cpu_percent(a, b, ticks, w)),
-        _ => None,
-    };
+    let pct = |a: Option<u64>, b: Option<u64>, w: Duration| stats::cpu_percent_of(a, b, ticks, w);
     let mut all_loaded: Vec<Outcome> = Vec::new();
     let mut next_target = 0usize;
     let mut committed_before = 0u64;

@@ -164,6 +164,17 @@ pub fn parse_machine_cpu(stat: &str) -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
+/// [`cpu_percent`] of two samples that may be missing (a process gone, a remote program):
+/// `None` unless both were read.
+pub fn cpu_percent_of(
+    before: Option<u64>,
+    after: Option<u64>,
+    ticks_per_s: u64,
+    wall: Duration,
+) -> Option<f64> {
+    Some(cpu_percent(before?, after?, ticks_per_s, wall))
+}
+
 /// CPU use between two readings of a process's ticks, in % of one core (so two busy cores
 /// read 200 %, as `top` shows it).
 pub fn cpu_percent(ticks_before: u64, ticks_after: u64, ticks_per_s: u64, wall: Duration) -> f64 {
