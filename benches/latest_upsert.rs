@@ -11,7 +11,8 @@
 //!   ([`silverguard::ingest::writer::flush_updates`]: chunks of 2,000 devices, one
 //!   `INSERT ... ON CONFLICT DO UPDATE` each), every device's report about 2 s newer than its last;
 //! * reports rows/s, microseconds per row, the share of HOT updates (no index entry
-//!   written) and the table's size with its indexes.
+//!   written), the table's size with its indexes and the WAL written per row (each layout
+//!   starts right after a checkpoint, so both log the same full-page images).
 //!
 //! Layouts: **before** is the index of migration 0003, on `silent_after`, a column every
 //! update changes, at fillfactor 100; **after** is migration 0006, the index on the lazily
@@ -120,8 +121,12 @@ async fn run(base: &str, name: &str, devices_n: usize, rounds: usize) -> anyhow:
         let t0 = Utc::now() - TimeDelta::hours(1);
         let left = flush_updates(&pool, updates(&devices, None, t0), SILENCE_FACTOR).await;
         anyhow::ensure!(left == 0, "the first flush left {left} devices unwritten");
+        // A checkpoint first, so both layouts log their full-page images from the same start.
+        // Two calls: a multi-statement string runs as one transaction, which VACUUM refuses.
         client.batch_execute("VACUUM ANALYZE device_latest").await?;
+        client.batch_execute("CHECKPOINT").await?;
         let before = hot_counters(&client).await?;
+        let wal_before = wal_bytes(&client).await?;
         let started = Instant::now();
         for r in 0..rounds {
             let at = t0 + TimeDelta::seconds(1 + r as i64);
@@ -130,6 +135,7 @@ async fn run(base: &str, name: &str, devices_n: usize, rounds: usize) -> anyhow:
             anyhow::ensure!(left == 0, "flush {r} left {left} devices unwritten");
         }
         let secs = started.elapsed().as_secs_f64();
+        let wal = wal_bytes(&client).await? - wal_before;
         // The flushes ran on the pool's other connection, whose statistics reach the view
         // when that backend goes idle (up to 10 s later): wait for all of them.
         let rows = rounds * (devices_n / 2);
@@ -143,7 +149,7 @@ async fn run(base: &str, name: &str, devices_n: usize, rounds: usize) -> anyhow:
             .get(0);
         println!(
             "  {layout:<6} {:>9.0} rows/s  {:>5.1} us/row  HOT {:>3.0} % of {updated:.0} updates  \
-             table {:.1} MiB with indexes",
+             table {:.1} MiB with indexes  WAL {:.0} bytes/row",
             rows / secs,
             secs * 1e6 / rows,
             if updated > 0.0 {
@@ -151,10 +157,21 @@ async fn run(base: &str, name: &str, devices_n: usize, rounds: usize) -> anyhow:
             } else {
                 0.0
             },
-            size as f64 / 1_048_576.0
+            size as f64 / 1_048_576.0,
+            wal as f64 / rows
         );
     }
     Ok(())
+}
+
+/// WAL inserted so far by the cluster; nothing else writes during the bench on a quiet machine.
+async fn wal_bytes(c: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(c.query_one(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8",
+        &[],
+    )
+    .await?
+    .get(0))
 }
 
 async fn hot_counters(c: &tokio_postgres::Client) -> anyhow::Result<(i64, i64)> {

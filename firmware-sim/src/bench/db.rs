@@ -134,6 +134,30 @@ pub struct Storage {
     pub bytes_per_row: Option<f64>,
 }
 
+/// The cluster's write-ahead log at one instant. WAL is what a replica receives and an archive
+/// stores, so its volume per heartbeat sizes those links; it covers every database of the
+/// cluster, like the CPU figures cover every `postgres` process (a dedicated machine).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WalPosition {
+    /// Bytes of WAL inserted since the cluster began (`pg_current_wal_insert_lsn()`), exact.
+    pub bytes: u64,
+    /// Full-page images written so far (`pg_stat_wal.wal_fpi`): the first change to each page
+    /// after a checkpoint logs the whole page. The statistics lag by up to a second.
+    pub full_page_images: u64,
+}
+
+impl WalPosition {
+    /// WAL bytes and full-page images per committed row between two positions.
+    pub fn per_row(a: WalPosition, b: WalPosition, rows: u64) -> Option<(f64, f64)> {
+        (rows > 0 && b.bytes >= a.bytes).then(|| {
+            (
+                (b.bytes - a.bytes) as f64 / rows as f64,
+                b.full_page_images.saturating_sub(a.full_page_images) as f64 / rows as f64,
+            )
+        })
+    }
+}
+
 /// What the run did to `device_latest`, the one row per device the service rewrites for every
 /// device that reported (PostgreSQL's statistics, read at the end of the run).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -204,6 +228,24 @@ impl BenchDb {
             rows,
             bytes,
             bytes_per_row: (rows > 0).then(|| bytes as f64 / rows as f64),
+        })
+    }
+
+    /// Where the WAL stands now (`None` without the rights to read it, or on PostgreSQL < 14).
+    pub async fn wal_position(&self) -> Option<WalPosition> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8,
+                        (SELECT wal_fpi FROM pg_stat_wal)::int8",
+                &[],
+            )
+            .await
+            .ok()?;
+        let (bytes, fpi): (i64, i64) = (row.try_get(0).ok()?, row.try_get(1).ok()?);
+        Some(WalPosition {
+            bytes: bytes.max(0) as u64,
+            full_page_images: fpi.max(0) as u64,
         })
     }
 

@@ -783,6 +783,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         let m0_each = service.metrics_each().await.ok();
         let m0 = m0_each.as_ref().map(|m| m.join("\n"));
         let cpu0 = CpuSample::take(&pids);
+        let wal0 = bench_db.wal_position().await;
         let window_end = cpu0.at + cfg.duration;
         let window_stop = CancellationToken::new();
         let per_step = cfg.loaded_sos_per_step();
@@ -802,6 +803,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         );
         next_target += shots.len();
         let cpu1 = CpuSample::take(&pids);
+        let wal1 = bench_db.wal_position().await;
         let pub1 = load.counters.published();
         let ov1 = load.overflow();
         let m1_each = service.metrics_each().await.ok();
@@ -843,6 +845,10 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
                 ),
             })
             .collect();
+        let wal = match (wal0, wal1) {
+            (Some(a), Some(b)) => db::WalPosition::per_row(a, b, committed_in_window),
+            _ => None,
+        };
         let step_published = published - published_before;
         let step_committed = committed.saturating_sub(committed_before);
         let step = report::Step {
@@ -864,6 +870,8 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             bench_cpu_percent: pct(cpu0.bench, cpu1.bench, window),
             broker_cpu_percent: pct(cpu0.broker, cpu1.broker, window),
             database_cpu_percent: pct(cpu0.database, cpu1.database, window),
+            wal_bytes_per_heartbeat: wal.map(|w| w.0),
+            wal_full_page_images_per_1000: wal.map(|w| w.1 * 1000.0),
             machine_cpu_busy_percent: busy_percent(cpu0.machine, cpu1.machine),
             service_metrics: match (&m0, &m1) {
                 (Some(a), Some(b)) => service_metrics(a, b),
@@ -980,6 +988,8 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             .database_cpu_percent
             .or(pct(cpu0.database, cpu1.database, w)),
         committed_per_s: Some(best.committed_per_s).filter(|r| *r > 0.0),
+        wal_bytes_per_heartbeat: best.wal_bytes_per_heartbeat,
+        wal_full_page_images_per_1000: best.wal_full_page_images_per_1000,
         machine_cpu_busy_percent: best
             .machine_cpu_busy_percent
             .or(busy_percent(cpu0.machine, cpu1.machine)),

@@ -154,6 +154,11 @@ pub struct Usage {
     pub database_cpu_percent: Option<f64>,
     /// The committed rate of the same window: CPU per heartbeat = CPU / this.
     pub committed_per_s: Option<f64>,
+    /// PostgreSQL's write-ahead log over the same window per committed heartbeat (the whole
+    /// cluster's: heartbeats, `device_latest`, events, alerts), and its full-page images per
+    /// 1,000 heartbeats.
+    pub wal_bytes_per_heartbeat: Option<f64>,
+    pub wal_full_page_images_per_1000: Option<f64>,
     /// Every process on the machine, % of all cores (100 = saturated).
     pub machine_cpu_busy_percent: Option<f64>,
     /// The same over the idle phase, before the load: what else was running.
@@ -212,6 +217,9 @@ pub struct Step {
     /// Every `mosquitto` and every `postgres` process here, % of one core.
     pub broker_cpu_percent: Option<f64>,
     pub database_cpu_percent: Option<f64>,
+    /// WAL per committed heartbeat in the window, and full-page images per 1,000 of them.
+    pub wal_bytes_per_heartbeat: Option<f64>,
+    pub wal_full_page_images_per_1000: Option<f64>,
     pub machine_cpu_busy_percent: Option<f64>,
     pub service_metrics: ServiceMetrics,
     /// Committed ≥ 98 % of offered, drained, lag p99 under 2 s, nothing lost.
@@ -653,6 +661,17 @@ impl BenchReport {
                     us(u.database_cpu_percent),
                     us(u.broker_cpu_percent),
                     us(u.bench_cpu_percent)
+                ),
+            );
+        }
+        if let Some(b) = u.wal_bytes_per_heartbeat {
+            row(
+                &mut o,
+                "WAL per committed heartbeat",
+                format!(
+                    "{b:.0} bytes, {} full-page images per 1,000",
+                    u.wal_full_page_images_per_1000
+                        .map_or("-".into(), |f| format!("{f:.1}"))
                 ),
             );
         }
