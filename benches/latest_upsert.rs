@@ -12,7 +12,7 @@
 //!   `INSERT ... ON CONFLICT DO UPDATE` each), every device's report about 2 s newer than its last;
 //! * reports rows/s, microseconds per row, the share of HOT updates (no index entry
 //!   written), the table's size with its indexes and the WAL written per row (each layout
-//!   starts right after a checkpoint, so both log the same full-page images).
+//!   starts right after a checkpoint, so each pays its own full-page images).
 //!
 //! Layouts: **before** is the index of migration 0003, on `silent_after`, a column every
 //! update changes, at fillfactor 100; **after** is migration 0006, the index on the lazily

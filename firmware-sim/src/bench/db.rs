@@ -317,3 +317,24 @@ impl BenchDb {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::WalPosition;
+
+    #[test]
+    fn wal_per_row_divides_the_difference_and_refuses_nonsense() {
+        let a = WalPosition {
+            bytes: 1_000,
+            full_page_images: 10,
+        };
+        let b = WalPosition {
+            bytes: 5_000,
+            full_page_images: 14,
+        };
+        assert_eq!(WalPosition::per_row(a, b, 10), Some((400.0, 0.4)));
+        // No rows, or a position that went backwards (another cluster), gives nothing.
+        assert_eq!(WalPosition::per_row(a, b, 0), None);
+        assert_eq!(WalPosition::per_row(b, a, 10), None);
+    }
+}
