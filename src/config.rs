@@ -177,9 +177,17 @@ pub struct IngestSettings {
     /// readings while out of coverage and upload them later, so this is generous.
     #[serde(with = "humantime_serde")]
     pub max_clock_behind: Duration,
-    /// How often the latest vitals and last-seen times are written to `device_latest`.
+    /// How often pending `device_latest` writes (first sight, events, presence, refreshes)
+    /// are flushed.
     #[serde(with = "humantime_serde")]
     pub latest_flush_interval: Duration,
+    /// A device's `device_latest` snapshot is rewritten for its heartbeats at most this
+    /// often. Readers see the newest heartbeat anyway (view `device_current`) and the silence
+    /// sweeper moves deadlines itself; the refresh keeps the snapshot close for when a
+    /// device's heartbeats are gone (retention) and heals a row deleted under a running
+    /// process. Zero writes every heartbeat, as before migration 0007.
+    #[serde(with = "humantime_serde")]
+    pub latest_refresh: Duration,
     /// At most this many rows are kept in `ingest_rejects` (oldest trimmed first).
     pub rejects_keep_rows: i64,
     /// Raw bytes stored per reject; longer payloads are truncated (their size is kept).
@@ -196,6 +204,7 @@ impl Default for IngestSettings {
             max_clock_ahead: Duration::from_secs(5 * 60),
             max_clock_behind: Duration::from_secs(7 * 24 * 3600),
             latest_flush_interval: Duration::from_secs(1),
+            latest_refresh: Duration::from_secs(300),
             rejects_keep_rows: 100_000,
             reject_payload_keep_bytes: 2048,
         }

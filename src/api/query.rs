@@ -321,7 +321,7 @@ const ELDER_SUMMARY_COLUMNS: &str = "e.id, e.external_ref, e.name, e.gender, e.b
     e.region_id, r.code, r.name, e.categories,
     ARRAY(SELECT d.device_id FROM devices d WHERE d.elder_id = e.id ORDER BY d.device_id),
     (SELECT count(*) FROM alerts a WHERE a.elder_id = e.id AND a.status <> 'resolved'),
-    (SELECT max(l.last_seen_at) FROM devices d JOIN device_latest l ON l.device_id = d.device_id
+    (SELECT max(l.last_seen_at) FROM devices d JOIN device_current l ON l.device_id = d.device_id
       WHERE d.elder_id = e.id)";
 
 fn elder_summary(r: &Row) -> ElderSummary {
@@ -778,7 +778,7 @@ const DEVICE_SELECT: &str = "SELECT d.device_id, d.imei, d.model, d.firmware,
              WHEN c.revoked_at IS NULL THEN 'active' ELSE 'revoked' END,
         c.generation
    FROM devices d
-   LEFT JOIN device_latest l ON l.device_id = d.device_id
+   LEFT JOIN device_current l ON l.device_id = d.device_id
    LEFT JOIN elders e ON e.id = d.elder_id
    LEFT JOIN regions r ON r.id = e.region_id
    LEFT JOIN device_credentials c ON c.device_id = d.device_id";

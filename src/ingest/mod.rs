@@ -395,6 +395,7 @@ impl Pipeline {
             latest_rx,
             pool.clone(),
             s.latest_flush_interval,
+            s.latest_refresh,
             settings.alerts.silence_factor,
         ));
         let mut lanes = tokio::task::JoinSet::new();

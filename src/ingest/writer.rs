@@ -682,30 +682,117 @@ struct Latest {
     presence: Option<(bool, DateTime<Utc>)>,
 }
 
-/// Keeps `device_latest` current with one statement per flush interval, so the hot path
-/// never writes per message. Silence detection reads `last_seen_at`; the flush interval is
-/// small against any silence threshold.
+/// What the tracker holds between flushes: the pending writes, and when each device's row
+/// was last written by this process.
+struct LatestState {
+    pending: HashMap<String, Latest>,
+    written: HashMap<String, Instant>,
+    /// Heartbeats of a device written less than this long ago are not written again.
+    refresh: Duration,
+    last_pruned: Instant,
+}
+
+impl LatestState {
+    fn new(refresh: Duration) -> Self {
+        LatestState {
+            pending: HashMap::new(),
+            written: HashMap::new(),
+            refresh,
+            last_pruned: Instant::now(),
+        }
+    }
+
+    /// Whether this device's row was written within the refresh period.
+    fn fresh(&self, device_id: &str, now: Instant) -> bool {
+        self.written
+            .get(device_id)
+            .is_some_and(|t| now.saturating_duration_since(*t) < self.refresh)
+    }
+
+    fn merge(&mut self, updates: Vec<LatestUpdate>) {
+        let now = Instant::now();
+        for u in updates {
+            match u {
+                LatestUpdate::Seen { device_id, at } => {
+                    let e = self.pending.entry(device_id).or_default();
+                    e.seen = e.seen.max(Some(at));
+                }
+                LatestUpdate::Heartbeat(hb) => {
+                    // The heartbeat itself is stored: readers and the silence sweeper find it
+                    // there (migration 0007). The row is only rewritten now and then.
+                    if !self.pending.contains_key(&hb.device_id) && self.fresh(&hb.device_id, now) {
+                        continue;
+                    }
+                    let e = self.pending.entry(hb.device_id.clone()).or_default();
+                    e.seen = e.seen.max(Some(hb.received_at));
+                    if e.hb.as_ref().is_none_or(|old| old.ts <= hb.ts) {
+                        e.hb = Some(hb);
+                    }
+                }
+                LatestUpdate::Presence {
+                    device_id,
+                    online,
+                    at,
+                } => {
+                    let e = self.pending.entry(device_id).or_default();
+                    if online {
+                        e.seen = e.seen.max(Some(at));
+                    }
+                    if e.presence.is_none_or(|(_, old)| old <= at) {
+                        e.presence = Some((online, at));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self, pool: &Pool, silence_factor: f64) {
+        let written = flush_latest(pool, &mut self.pending, silence_factor).await;
+        if self.refresh.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        for id in written {
+            self.written.insert(id, now);
+        }
+        // Devices that stopped reporting here (moved to another instance, removed) would
+        // otherwise stay in the map for the life of the process.
+        if now.saturating_duration_since(self.last_pruned) >= self.refresh {
+            let refresh = self.refresh;
+            self.written
+                .retain(|_, t| now.saturating_duration_since(*t) < refresh);
+            self.last_pruned = now;
+        }
+    }
+}
+
+/// Keeps `device_latest` rows in place with one statement per flush interval, so the hot
+/// path never writes per message: a device's row is written when this process first sees
+/// it, on its events and presence changes, and for its heartbeats at most once per
+/// `refresh`. Readers overlay the newest stored heartbeat (view `device_current`), and the
+/// silence sweeper moves deadlines from it.
 pub async fn run_latest_tracker(
     mut rx: mpsc::Receiver<Vec<LatestUpdate>>,
     pool: Pool,
     interval: Duration,
+    refresh: Duration,
     silence_factor: u32,
 ) {
     let silence_factor = silence_factor as f64;
-    let mut pending: HashMap<String, Latest> = HashMap::new();
+    let mut state = LatestState::new(refresh);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             updates = rx.recv() => match updates {
-                Some(u) => merge(&mut pending, u),
+                Some(u) => state.merge(u),
                 None => {
                     // All lanes are done: write what is left, then stop.
-                    flush_latest(&pool, &mut pending, silence_factor).await;
+                    state.flush(&pool, silence_factor).await;
                     return;
                 }
             },
-            _ = tick.tick() => flush_latest(&pool, &mut pending, silence_factor).await,
+            _ = tick.tick() => state.flush(&pool, silence_factor).await,
         }
     }
 }
@@ -717,41 +804,10 @@ pub async fn run_latest_tracker(
 /// Returns how many devices were left unwritten (0 when the flush succeeded).
 #[doc(hidden)]
 pub async fn flush_updates(pool: &Pool, updates: Vec<LatestUpdate>, silence_factor: u32) -> usize {
-    let mut pending = HashMap::new();
-    merge(&mut pending, updates);
-    flush_latest(pool, &mut pending, silence_factor as f64).await;
-    pending.len()
-}
-
-fn merge(pending: &mut HashMap<String, Latest>, updates: Vec<LatestUpdate>) {
-    for u in updates {
-        match u {
-            LatestUpdate::Seen { device_id, at } => {
-                let e = pending.entry(device_id).or_default();
-                e.seen = e.seen.max(Some(at));
-            }
-            LatestUpdate::Heartbeat(hb) => {
-                let e = pending.entry(hb.device_id.clone()).or_default();
-                e.seen = e.seen.max(Some(hb.received_at));
-                if e.hb.as_ref().is_none_or(|old| old.ts <= hb.ts) {
-                    e.hb = Some(hb);
-                }
-            }
-            LatestUpdate::Presence {
-                device_id,
-                online,
-                at,
-            } => {
-                let e = pending.entry(device_id).or_default();
-                if online {
-                    e.seen = e.seen.max(Some(at));
-                }
-                if e.presence.is_none_or(|(_, old)| old <= at) {
-                    e.presence = Some((online, at));
-                }
-            }
-        }
-    }
+    let mut state = LatestState::new(Duration::ZERO);
+    state.merge(updates);
+    flush_latest(pool, &mut state.pending, silence_factor as f64).await;
+    state.pending.len()
 }
 
 /// Columns that follow the newest heartbeat, in `device_latest` order after `last_hb_at`.
@@ -841,9 +897,13 @@ const LATEST_FLUSH_CHUNK: usize = 2_000;
 /// deadlock (SQLSTATE 40P01, seen with three instances at 20,000 heartbeats/s). Each chunk
 /// commits on its own; a chunk that fails stays pending, with the ones after it, and is
 /// merged into the next flush.
-async fn flush_latest(pool: &Pool, pending: &mut HashMap<String, Latest>, silence_factor: f64) {
+async fn flush_latest(
+    pool: &Pool,
+    pending: &mut HashMap<String, Latest>,
+    silence_factor: f64,
+) -> Vec<String> {
     if pending.is_empty() {
-        return;
+        return Vec::new();
     }
     let mut entries: Vec<(String, Latest)> = pending.drain().collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -863,8 +923,10 @@ async fn flush_latest(pool: &Pool, pending: &mut HashMap<String, Latest>, silenc
         // Kept and merged into the next flush; this table is a cache of the newest values.
         tracing::warn!(error = %e, devices = total - written, "device_latest flush failed, will retry");
         // `pending` is empty: updates are merged by this same task, never during a flush.
-        pending.extend(entries.into_iter().skip(written));
+        let rest = entries.split_off(written);
+        pending.extend(rest);
     }
+    entries.into_iter().map(|(id, _)| id).collect()
 }
 
 async fn upsert_latest(
@@ -937,4 +999,66 @@ async fn upsert_latest(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(device_id: &str, seq: i64) -> LatestUpdate {
+        let now = Utc::now();
+        LatestUpdate::Heartbeat(Box::new(Heartbeat {
+            device_id: device_id.into(),
+            seq,
+            ts: now,
+            received_at: now,
+            heart_rate_bpm: Some(70),
+            spo2_pct: None,
+            systolic_mmhg: None,
+            diastolic_mmhg: None,
+            skin_temp_dc: None,
+            steps_today: None,
+            battery_pct: Some(80),
+            worn: true,
+            location: None,
+            clock_skewed: false,
+            device_ts: None,
+        }))
+    }
+
+    #[test]
+    fn heartbeats_of_a_device_written_within_the_refresh_are_not_written_again() {
+        let mut s = LatestState::new(Duration::from_secs(300));
+        s.merge(vec![hb("a", 1)]);
+        assert!(s.pending.contains_key("a"), "first sight is written");
+        s.pending.clear();
+        s.written.insert("a".into(), Instant::now());
+        s.merge(vec![hb("a", 2), hb("b", 1)]);
+        assert!(!s.pending.contains_key("a"), "written a moment ago");
+        assert!(s.pending.contains_key("b"), "never written by this process");
+        // A presence change is written, and carries the newest heartbeat with it.
+        s.merge(vec![
+            LatestUpdate::Presence {
+                device_id: "a".into(),
+                online: true,
+                at: Utc::now(),
+            },
+            hb("a", 3),
+        ]);
+        assert_eq!(s.pending["a"].hb.as_ref().map(|h| h.seq), Some(3));
+    }
+
+    #[test]
+    fn an_expired_refresh_or_a_zero_one_writes_the_heartbeat() {
+        let mut s = LatestState::new(Duration::from_millis(5));
+        let earlier = Instant::now().checked_sub(Duration::from_millis(10));
+        s.written
+            .insert("a".into(), earlier.unwrap_or_else(Instant::now));
+        s.merge(vec![hb("a", 2)]);
+        assert!(s.pending.contains_key("a"));
+        let mut every = LatestState::new(Duration::ZERO);
+        every.written.insert("a".into(), Instant::now());
+        every.merge(vec![hb("a", 2)]);
+        assert!(every.pending.contains_key("a"));
+    }
 }

@@ -399,7 +399,7 @@ impl Notifier {
                         l.battery_pct, l.last_hb_at, l.lat_e7, l.lon_e7, a.status
                  FROM alerts a
                  LEFT JOIN elders e ON e.id = a.elder_id
-                 LEFT JOIN device_latest l ON l.device_id = a.device_id
+                 LEFT JOIN device_current l ON l.device_id = a.device_id
                  WHERE a.id = $1",
                 &[&row.alert_id],
             )

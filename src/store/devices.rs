@@ -251,7 +251,7 @@ const DEVICE_ROW_SQL: &str = "SELECT d.device_id, e.name, d.model, d.heartbeat_i
         to_char(d.bound_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
      FROM devices d
      LEFT JOIN elders e ON e.id = d.elder_id
-     LEFT JOIN device_latest l ON l.device_id = d.device_id";
+     LEFT JOIN device_current l ON l.device_id = d.device_id";
 
 fn device_row(r: &tokio_postgres::Row) -> DeviceRow {
     DeviceRow {

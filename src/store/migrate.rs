@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "latest_hot_updates",
         sql: include_str!("../../migrations/0006_latest_hot_updates.sql"),
     },
+    Migration {
+        version: 7,
+        name: "device_current",
+        sql: include_str!("../../migrations/0007_device_current.sql"),
+    },
 ];
 
 fn checksum(sql: &str) -> String {

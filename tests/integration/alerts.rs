@@ -590,15 +590,16 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
     )
     .await
     .unwrap();
-    // Two reports 1.5-3 s apart, in two flushes: the second moves the exact deadline
-    // (`silent_after`) but not the indexed one (`silence_check_at`, still at least 3 s away
-    // from the second report, half of the 6 s threshold). An alert at the indexed deadline
-    // would come that much early.
+    // Two reports 1.5-3 s apart. The first creates the device's row; the second is only
+    // stored in `heartbeats` (the row is refreshed every `ingest.latest_refresh`, 5 min), so
+    // the row's deadline stays a report behind the one readers see through
+    // `device_current`. An alert at the row's deadline would come that much early: the
+    // sweeper must find the second report in `heartbeats` and move the deadline instead.
     for seq in 1..=2u64 {
         let hb = OneShot::Heartbeat(pb::Heartbeat {
             seq,
             measured_at_ms: chrono::Utc::now().timestamp_millis(),
-            heart_rate_bpm: 72,
+            heart_rate_bpm: 70 + seq as u32,
             worn: true,
             battery_pct: 80,
             device_id: h.device.clone(),
@@ -608,14 +609,14 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
             .await
             .unwrap();
         wait_until(
-            "the report in device_latest, 1.5 s old",
+            "the report in device_current, 1.5 s old",
             Duration::from_secs(10),
             || async {
                 c.query_one(
-                    "SELECT count(*) FROM device_latest
-                  WHERE device_id = $1 AND last_hb_seq = $2
+                    "SELECT count(*) FROM device_current
+                  WHERE device_id = $1 AND last_hb_seq = $2 AND heart_rate_bpm = $3
                     AND last_seen_at <= now() - interval '1500 milliseconds'",
-                    &[&h.device, &(seq as i64)],
+                    &[&h.device, &(seq as i64), &(70 + seq as i16)],
                 )
                 .await
                 .map(|r| r.get::<_, i64>(0) == 1)
@@ -624,17 +625,26 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
         )
         .await;
     }
-    let (lazy, exact): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = c
+    let (row_seq, row_deadline, exact): (
+        i64,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    ) = c
         .query_one(
-            "SELECT silence_check_at, silent_after FROM device_latest WHERE device_id = $1",
+            "SELECT l.last_hb_seq, l.silence_check_at, v.silent_after
+               FROM device_latest l JOIN device_current v USING (device_id) WHERE device_id = $1",
             &[&h.device],
         )
         .await
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .unwrap();
+    assert_eq!(
+        row_seq, 1,
+        "the second heartbeat should not rewrite the row"
+    );
     assert!(
-        exact - lazy >= chrono::TimeDelta::milliseconds(1000),
-        "the indexed deadline {lazy} should have stayed behind the exact one {exact}"
+        exact - row_deadline >= chrono::TimeDelta::milliseconds(1000),
+        "the row's deadline {row_deadline} should have stayed behind the exact one {exact}"
     );
     // Deadline: last seen + 2 s x 3.
     wait_until("device_silent alert", Duration::from_secs(30), || async {
@@ -650,7 +660,8 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
     let late: f64 = c
         .query_one(
             "SELECT extract(epoch FROM a.opened_at - (l.last_seen_at + interval '6 seconds'))::float8
-             FROM alerts a JOIN device_latest l ON l.device_id = a.device_id WHERE a.kind = 'device_silent'",
+             FROM alerts a JOIN device_current l ON l.device_id = a.device_id
+             WHERE a.kind = 'device_silent' AND a.occurred_at = l.last_seen_at",
             &[],
         )
         .await
@@ -660,7 +671,18 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
         (0.0..10.0).contains(&late),
         "fired {late:.2} s after its deadline"
     );
-    // Data again: the alert resolves itself.
+    // The sweeper left the row with the newest report it found.
+    let snapshot: (i64, i16) = c
+        .query_one(
+            "SELECT last_hb_seq, heart_rate_bpm FROM device_latest WHERE device_id = $1",
+            &[&h.device],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(snapshot, (2, 72));
+    // Data again, within the row's refresh period (ingest does not rewrite it): the sweeper
+    // finds the heartbeat, re-arms the device and the alert resolves itself.
     let hb = OneShot::Heartbeat(pb::Heartbeat {
         seq: 4,
         measured_at_ms: chrono::Utc::now().timestamp_millis(),
@@ -675,6 +697,114 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
         c.query_one("SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND status = 'resolved' AND auto_resolved", &[]).await.map(|r| r.get::<_, i64>(0) == 1).unwrap_or(false)
     })
     .await;
+    // Re-armed: quiet again, it is silent again.
+    wait_until(
+        "a second device_silent alert",
+        Duration::from_secs(30),
+        || async {
+            c.query_one(
+                "SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND status <> 'resolved'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reporting_steadily_is_never_silent_though_its_row_is_not_rewritten() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::start().await;
+    let smtp = SmtpSink::start().await;
+    let sms = CaptureServer::start().await;
+    let mut s = alert_settings(&db, &broker, &smtp, &sms, 3600, 7200);
+    s.alerts.silence_factor = 3;
+    let app = RunningApp::start(s).await;
+    let h = household(&db, "steady").await;
+    let c = db.client().await;
+    c.execute(
+        "UPDATE devices SET heartbeat_interval_s = 1 WHERE device_id = $1",
+        &[&h.device],
+    )
+    .await
+    .unwrap();
+    // A report every 0.8 s for 10 s: over three 3 s thresholds.
+    let mut pace = tokio::time::interval(Duration::from_millis(800));
+    let mut first_deadline = None;
+    for seq in 1..=13u64 {
+        pace.tick().await;
+        let hb = OneShot::Heartbeat(pb::Heartbeat {
+            seq,
+            measured_at_ms: chrono::Utc::now().timestamp_millis(),
+            heart_rate_bpm: 70,
+            worn: true,
+            device_id: h.device.clone(),
+            ..Default::default()
+        });
+        send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
+            .await
+            .unwrap();
+        if first_deadline.is_none() {
+            wait_until("the device's row", Duration::from_secs(10), || async {
+                c.query_one(
+                    "SELECT count(*) FROM device_latest WHERE device_id = $1",
+                    &[&h.device],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+            })
+            .await;
+            let d: chrono::DateTime<chrono::Utc> = c
+                .query_one(
+                    "SELECT silence_check_at FROM device_latest WHERE device_id = $1",
+                    &[&h.device],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            first_deadline = Some(d);
+        }
+    }
+    wait_until(
+        "the last report stored",
+        Duration::from_secs(10),
+        || async {
+            c.query_one(
+                "SELECT count(*) FROM device_current WHERE device_id = $1 AND last_hb_seq = 13",
+                &[&h.device],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    let (deadline, row_seq, alerted): (chrono::DateTime<chrono::Utc>, i64, bool) = c
+        .query_one(
+            "SELECT silence_check_at, last_hb_seq, silence_alerted FROM device_latest WHERE device_id = $1",
+            &[&h.device],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .unwrap();
+    let first = first_deadline.unwrap();
+    assert!(!alerted);
+    assert!(
+        deadline - first >= chrono::TimeDelta::seconds(3),
+        "the sweeper should have moved the deadline on from {first} (now {deadline})"
+    );
+    assert!(row_seq > 1, "the sweeper's snapshot follows the heartbeats");
+    assert_eq!(
+        db.count("SELECT count(*) FROM alerts WHERE kind = 'device_silent'")
+            .await,
+        0,
+        "a device that reports every 0.8 s with a 3 s threshold is not silent"
+    );
     app.stop().await;
 }
 

@@ -78,10 +78,10 @@ async fn a_fleet_lands_exactly_once() {
     assert_eq!(db.count("SELECT count(*) FROM ingest_rejects").await, 0);
     // Latest vitals and last-seen are kept per device without a write per message.
     wait_until(
-        "device_latest for every device",
+        "device_current: the newest heartbeat of every device",
         Duration::from_secs(10),
         || async {
-            db.count("SELECT count(*) FROM device_latest WHERE last_hb_seq = 15")
+            db.count("SELECT count(*) FROM device_current WHERE last_hb_seq = 15")
                 .await
                 == 40
         },

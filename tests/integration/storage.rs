@@ -86,6 +86,7 @@ async fn device_latest_flush_of_many_devices_writes_them_all_in_chunks() {
         rx,
         pool.clone(),
         Duration::from_secs(3600),
+        Duration::from_secs(300),
         3,
     ));
     let t0 = chrono::Utc::now() - chrono::Duration::minutes(5);

@@ -384,9 +384,7 @@ async fn run_in(
     let load_ids = provision::load_ids(cfg.devices);
     let targets = provision::sos_targets(cfg.sos_devices);
     let import_file = std::env::temp_dir().join(format!("{name}-sos.toml"));
-    // The slowest step sets each device's expected interval: no device looks silent.
-    let slowest = cfg.step_rates().into_iter().fold(f64::INFINITY, f64::min);
-    let interval_s = (cfg.devices as f64 / slowest).ceil() as u64;
+    let interval_s = provision::heartbeat_interval_s(cfg.devices, &cfg.step_rates());
     let t = Instant::now();
     let provisioned =
         provision::provision(&svc, &load_ids, interval_s, &targets, &import_file).await;

@@ -47,6 +47,22 @@ pub fn sos_import_toml(targets: &[SosTarget]) -> String {
     s
 }
 
+/// The heartbeat interval the load devices are provisioned with: what they really report
+/// at in the fastest step, as a real fleet would be configured. The service's silence sweeper
+/// reads each device once per `interval × silence_factor`, so a longer interval than the
+/// devices keep would flatter the service. Raised only where the slowest step would leave
+/// devices more than 5 intervals apart (the default silence factor is 15).
+pub fn heartbeat_interval_s(devices: usize, step_rates: &[f64]) -> u64 {
+    let fastest = step_rates.iter().copied().fold(0.0_f64, f64::max);
+    let slowest = step_rates.iter().copied().fold(f64::INFINITY, f64::min);
+    if fastest <= 0.0 || !slowest.is_finite() {
+        return 60;
+    }
+    let fast = (devices as f64 / fastest).floor().max(1.0);
+    let slow_gap = devices as f64 / slowest;
+    fast.max((slow_gap / 5.0).ceil()) as u64
+}
+
 /// Provisions both fleets; `import_file` is where the TOML is written.
 pub async fn provision(
     svc: &ServiceCmd,
@@ -140,5 +156,21 @@ mod tests {
             assert_eq!(open_brackets, 0);
             Doc { elders }
         }
+    }
+}
+
+#[cfg(test)]
+mod interval_tests {
+    use super::heartbeat_interval_s;
+
+    #[test]
+    fn devices_are_provisioned_with_the_interval_they_keep_in_the_fastest_step() {
+        // 100,000 devices at 48,000/s report every 2.08 s.
+        assert_eq!(heartbeat_interval_s(100_000, &[40_000.0, 48_000.0]), 2);
+        assert_eq!(heartbeat_interval_s(10_000, &[1_000.0]), 10);
+        // Far faster than one a second still means a 1 s interval.
+        assert_eq!(heartbeat_interval_s(1_000, &[50_000.0]), 1);
+        // A slow first step (every 20 s) must not look silent: 20 / 5 = 4 s.
+        assert_eq!(heartbeat_interval_s(100_000, &[5_000.0, 50_000.0]), 4);
     }
 }

@@ -346,7 +346,7 @@ pub async fn recent_vitals<C: GenericClient>(
         .query_opt(
             "SELECT last_hb_at, heart_rate_bpm, spo2_pct, systolic_mmhg, diastolic_mmhg,
                     skin_temp_dc, steps_today, battery_pct
-               FROM device_latest WHERE device_id = $1",
+               FROM device_current WHERE device_id = $1",
             &[&device_id],
         )
         .await?
@@ -498,7 +498,7 @@ pub async fn fleet<C: GenericClient>(
                             < now()) AS silent,
                         extract(epoch FROM now() - l.last_seen_at)::float8
                    FROM devices d
-                   LEFT JOIN device_latest l ON l.device_id = d.device_id
+                   LEFT JOIN device_current l ON l.device_id = d.device_id
                    LEFT JOIN elders e ON e.id = d.elder_id
                    LEFT JOIN regions r ON r.id = e.region_id
                   WHERE {DEVICE_SCOPE} AND ($2::bigint IS NULL OR d.elder_id = $2)

@@ -1,0 +1,64 @@
+-- device_latest stops following every heartbeat (docs/performance.md, "fourth round").
+-- Rewriting one row per device per report was more than half of PostgreSQL's work per
+-- heartbeat at a city's rate, and nearly half its WAL. The newest heartbeat is already
+-- stored, and the unique index (device_id, ts, seq) finds it with one probe per partition,
+-- so the row now holds state and a snapshot that is refreshed now and then:
+--
+-- * ingest writes a device's row on first sight, on events and presence changes, and at
+--   most once per `ingest.latest_refresh` for heartbeats;
+-- * the silence sweeper, when a device's deadline comes, reads its newest heartbeat and
+--   either raises `device_silent` or moves the deadline (and the snapshot) forward; it also
+--   re-arms alerted devices whose data came back.
+--
+-- Readers that show "now" (console, API, outbox, CLI) read `device_current`: the row with
+-- the newest heartbeat laid over it. The probe only looks at heartbeats at or after the
+-- snapshot's, so partitions older than the snapshot are pruned at run time and a device
+-- whose heartbeats were all dropped by retention shows its snapshot. `silent_after` is moved
+-- by as much as `last_seen_at` (the row keeps both, a threshold apart).
+CREATE VIEW device_current AS
+SELECT l.device_id,
+       greatest(l.last_seen_at, h.received_at) AS last_seen_at,
+       CASE WHEN h.ts IS NULL THEN l.last_hb_at ELSE h.ts END AS last_hb_at,
+       CASE WHEN h.ts IS NULL THEN l.last_hb_seq ELSE h.seq END AS last_hb_seq,
+       CASE WHEN h.ts IS NULL THEN l.heart_rate_bpm ELSE h.heart_rate_bpm END AS heart_rate_bpm,
+       CASE WHEN h.ts IS NULL THEN l.spo2_pct ELSE h.spo2_pct END AS spo2_pct,
+       CASE WHEN h.ts IS NULL THEN l.systolic_mmhg ELSE h.systolic_mmhg END AS systolic_mmhg,
+       CASE WHEN h.ts IS NULL THEN l.diastolic_mmhg ELSE h.diastolic_mmhg END AS diastolic_mmhg,
+       CASE WHEN h.ts IS NULL THEN l.skin_temp_dc ELSE h.skin_temp_dc END AS skin_temp_dc,
+       CASE WHEN h.ts IS NULL THEN l.steps_today ELSE h.steps_today END AS steps_today,
+       CASE WHEN h.ts IS NULL THEN l.battery_pct ELSE h.battery_pct END AS battery_pct,
+       CASE WHEN h.ts IS NULL THEN l.worn ELSE h.worn END AS worn,
+       CASE WHEN h.ts IS NULL THEN l.lat_e7 ELSE h.lat_e7 END AS lat_e7,
+       CASE WHEN h.ts IS NULL THEN l.lon_e7 ELSE h.lon_e7 END AS lon_e7,
+       l.online,
+       l.presence_at,
+       l.silent_after + (greatest(l.last_seen_at, h.received_at) - l.last_seen_at) AS silent_after,
+       l.silence_alerted
+FROM device_latest l
+LEFT JOIN LATERAL (
+    SELECT hb.ts, hb.seq, hb.received_at, hb.heart_rate_bpm, hb.spo2_pct, hb.systolic_mmhg,
+           hb.diastolic_mmhg, hb.skin_temp_dc, hb.steps_today, hb.battery_pct, hb.worn,
+           hb.lat_e7, hb.lon_e7
+    FROM heartbeats hb
+    WHERE hb.device_id = l.device_id
+      AND (l.last_hb_at IS NULL OR hb.ts >= l.last_hb_at)
+    ORDER BY hb.ts DESC, hb.seq DESC
+    LIMIT 1
+) h ON true;
+
+-- The sweeper re-arms alerted devices whose data came back: few rows, read every sweep.
+CREATE INDEX device_latest_silence_alerted ON device_latest (device_id) WHERE silence_alerted;
+
+-- A shorter heartbeat interval brings the silence deadline forward, but the row is no longer
+-- rewritten by the next heartbeat to notice: have the sweeper recompute it at once, whichever
+-- path (CLI, API, bulk import) changed the interval.
+CREATE FUNCTION sg_recheck_silence() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE device_latest SET silence_check_at = now()
+    WHERE device_id = NEW.device_id AND NOT silence_alerted;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER devices_interval_recheck_silence
+    AFTER UPDATE OF heartbeat_interval_s ON devices
+    FOR EACH ROW WHEN (NEW.heartbeat_interval_s IS DISTINCT FROM OLD.heartbeat_interval_s)
+    EXECUTE FUNCTION sg_recheck_silence();
