@@ -12,8 +12,10 @@
 --
 -- Readers that show "now" (console, API, outbox, CLI) read `device_current`: the row with
 -- the newest heartbeat laid over it. The probe only looks at heartbeats at or after the
--- snapshot's, so partitions older than the snapshot are pruned at run time and a device
--- whose heartbeats were all dropped by retention shows its snapshot. `silent_after` is moved
+-- snapshot's and at most a day ahead (ingest.max_clock_ahead is at most 1d, and a skewed
+-- heartbeat is stored at its receive time), so partitions outside are pruned at run time
+-- (the days created ahead and older ones: one or two index probes, not one per partition),
+-- and a device whose heartbeats were all dropped by retention shows its snapshot. `silent_after` is moved
 -- by as much as `last_seen_at` (the row keeps both, a threshold apart).
 CREATE VIEW device_current AS
 SELECT l.device_id,
@@ -41,13 +43,20 @@ LEFT JOIN LATERAL (
            hb.lat_e7, hb.lon_e7
     FROM heartbeats hb
     WHERE hb.device_id = l.device_id
-      AND (l.last_hb_at IS NULL OR hb.ts >= l.last_hb_at)
+      AND hb.ts >= coalesce(l.last_hb_at, '-infinity')
+      AND hb.ts <= now() + interval '1 day'
     ORDER BY hb.ts DESC, hb.seq DESC
     LIMIT 1
 ) h ON true;
 
--- The sweeper re-arms alerted devices whose data came back: few rows, read every sweep.
-CREATE INDEX device_latest_silence_alerted ON device_latest (device_id) WHERE silence_alerted;
+-- The sweeper reads due deadlines as a range of the index (no NULL branch). Only binaries
+-- older than 0006 left rows without one; from 0007 on they must not run (docs/deployment.md).
+UPDATE device_latest SET silence_check_at = silent_after
+WHERE silence_check_at IS NULL AND silent_after IS NOT NULL;
+
+-- The sweeper looks for data from alerted devices a batch at a time; for them
+-- silence_check_at is the time of the next look.
+CREATE INDEX device_latest_silence_alerted ON device_latest (silence_check_at) WHERE silence_alerted;
 
 -- A shorter heartbeat interval brings the silence deadline forward, but the row is no longer
 -- rewritten by the next heartbeat to notice: have the sweeper recompute it at once, whichever

@@ -114,6 +114,7 @@ impl Application {
         let sweeper = tokio::spawn(crate::alerts::run_sweeper(
             pool.clone(),
             settings.alerts.clone(),
+            metrics.silence.clone(),
             alerts_cancel.clone(),
         ));
 
@@ -205,12 +206,27 @@ impl Application {
         tracing::info!("shutdown requested");
         pipeline.shutdown().await;
         // The pipeline is gone, so the rules' input closes and they finish what they have.
-        let _ = tokio::time::timeout(Duration::from_secs(10), rules).await;
+        if tokio::time::timeout(Duration::from_secs(10), rules)
+            .await
+            .is_err()
+        {
+            tracing::warn!("telemetry rules did not finish within 10 s; stopping without them");
+        }
         alerts_cancel.cancel();
         let _ = sweeper.await;
+        tracing::info!("alert stage stopped");
         // Deliveries in progress finish; what is left stays in the outbox for the next start.
         notify_cancel.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), notifier_task).await;
+        if tokio::time::timeout(Duration::from_secs(10), notifier_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "deliveries in progress did not finish within 10 s; they stay in the outbox"
+            );
+        } else {
+            tracing::info!("notifier stopped");
+        }
         upkeep_cancel.cancel();
         let _ = upkeep.await;
         // Open board streams end now, or graceful shutdown would wait on them.

@@ -489,6 +489,11 @@ impl Settings {
             problems
                 .push("ingest.max_clock_ahead and ingest.max_clock_behind must be above 0".into());
         }
+        // No stored heartbeat is then later than a day ahead: the newest-heartbeat probe
+        // (view device_current, the silence sweeper) bounds its partitions with that.
+        if self.ingest.max_clock_ahead > Duration::from_secs(86_400) {
+            problems.push("ingest.max_clock_ahead must be at most 1d".into());
+        }
         if self.ingest.reject_payload_keep_bytes > self.ingest.max_payload_bytes.max(1 << 16) {
             problems.push(
                 "ingest.reject_payload_keep_bytes must not exceed the larger of 64 KiB and ingest.max_payload_bytes"

@@ -147,12 +147,23 @@ impl NotifyMetrics {
     }
 }
 
+/// The silence sweeper's work: how many deadlines it confirmed or moved, and how long a
+/// sweep took (a fleet-wide wave of deadlines shows here first).
+#[derive(Clone)]
+pub struct SilenceMetrics {
+    pub deadlines_moved: Counter,
+    pub alerts_raised: Counter,
+    pub rearmed: Counter,
+    pub sweep_seconds: Histogram,
+}
+
 /// The registry and every stage's handles.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
     pub ingest: IngestMetrics,
     pub notify: NotifyMetrics,
+    pub silence: SilenceMetrics,
 }
 
 impl Metrics {
@@ -293,7 +304,37 @@ impl Metrics {
             "From the outbox row (written in the alert's transaction) to the provider accepting the notification, by channel",
             queued_to_delivered_seconds.clone(),
         );
+        let deadlines_moved = Counter::default();
+        r.register(
+            "silence_deadlines_moved",
+            "Silence deadlines that came and were moved on: the device's newest heartbeat was recent",
+            deadlines_moved.clone(),
+        );
+        let alerts_raised = Counter::default();
+        r.register(
+            "silence_alerts_raised",
+            "Devices found silent (device_silent raised or repeated)",
+            alerts_raised.clone(),
+        );
+        let rearmed = Counter::default();
+        r.register(
+            "silence_rearmed",
+            "Silent devices re-armed by the sweeper because their data came back",
+            rearmed.clone(),
+        );
+        let sweep_seconds = latency_histogram();
+        r.register(
+            "silence_sweep_seconds",
+            "Time for one silence sweep (all due deadlines, then the devices back)",
+            sweep_seconds.clone(),
+        );
         Metrics {
+            silence: SilenceMetrics {
+                deadlines_moved,
+                alerts_raised,
+                rearmed,
+                sweep_seconds,
+            },
             notify: NotifyMetrics {
                 attempts,
                 attempt_seconds,

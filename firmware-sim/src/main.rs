@@ -324,6 +324,10 @@ struct BenchArgs {
     /// Ingest-lag markers per second (sampled heartbeats whose rows the bench looks for).
     #[arg(long, default_value_t = 100.0)]
     markers_per_s: f64,
+    /// Each load connection writes everything due at most this often (1ms..50ms). Longer
+    /// ticks mean fewer, larger writes: less CPU per message for the bench and the broker.
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    publish_tick: Duration,
     /// How often the bench looks for its markers: the lag figures' resolution.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     lag_poll: Duration,
@@ -380,6 +384,7 @@ impl BenchArgs {
             naive_rate: self.naive_rate,
             copy_rows: self.copy_rows,
             markers_per_s: self.markers_per_s,
+            publish_tick: self.publish_tick,
             lag_poll: self.lag_poll,
             db_sql: self.db_sql.clone(),
             ..base

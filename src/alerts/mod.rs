@@ -384,7 +384,12 @@ async fn apply(
 }
 
 /// Escalation steps, silence, recovery from silence and the daily knock.
-pub async fn run_sweeper(pool: Pool, settings: AlertSettings, cancel: CancellationToken) {
+pub async fn run_sweeper(
+    pool: Pool,
+    settings: AlertSettings,
+    metrics: crate::metrics::SilenceMetrics,
+    cancel: CancellationToken,
+) {
     let started = Instant::now();
     let mut last_wellness_check = Instant::now() - Duration::from_secs(3600);
     loop {
@@ -410,7 +415,10 @@ pub async fn run_sweeper(pool: Pool, settings: AlertSettings, cancel: Cancellati
             }
         }
         if started.elapsed() >= settings.silence_grace {
-            if let Err(e) = sweep_silence(&mut client, &settings).await {
+            let t = Instant::now();
+            let swept = sweep_silence(&mut client, &settings, &metrics, &cancel).await;
+            metrics.sweep_seconds.observe(t.elapsed().as_secs_f64());
+            if let Err(e) = swept {
                 tracing::warn!(error = %e, "silence sweep failed; will retry");
             }
         }
@@ -423,10 +431,14 @@ pub async fn run_sweeper(pool: Pool, settings: AlertSettings, cancel: Cancellati
     }
 }
 
-/// Devices whose silence deadline has come, read per statement: enough to keep up with a
-/// city's fleet (100,000 bracelets every 2 s with factor 15 reach 3,300 deadlines a second)
-/// and small enough for one short transaction.
-const SILENCE_BATCH: i64 = 2_000;
+/// Devices whose silence deadline has come, read per statement: a few batches a sweep keep up
+/// with a city's fleet (100,000 bracelets every 2 s with factor 15 reach 3,300 deadlines a
+/// second), and a batch stays one short transaction even when every device in it is found
+/// silent (each alert and its notifications are written in it: about 3 ms apiece).
+const SILENCE_BATCH: i64 = 1_000;
+
+/// How long one sweep may spend on due deadlines before it lets escalation steps run again.
+const SILENCE_SWEEP_BUDGET: Duration = Duration::from_secs(1);
 
 /// Columns of the `device_latest` snapshot, with where each comes from in `heartbeats`.
 const SNAPSHOT_COLUMNS: [(&str, &str); 13] = [
@@ -451,7 +463,15 @@ const SNAPSHOT_COLUMNS: [(&str, &str); 13] = [
 /// `silence_alerted` when the deadline has passed. `$1` is the silence factor. It is the
 /// same probe as the view `device_current` (migration 0007): heartbeats at or after the
 /// snapshot's, newest first.
-fn silence_sweep_sql(which: &str, limit: &str, only_if: &str) -> String {
+///
+/// The batch is picked first, in the order of the deadline index (a range scan that stops
+/// after the batch), and probed afterwards: with the probe below the `LIMIT`, PostgreSQL
+/// probed every due device's heartbeats and sorted them all, so a fleet-wide wave of
+/// deadlines made each batch of 1,000 cost as much as the whole wave. In `deadline_sets`, `{seen}` and
+/// `{deadline}` stand for the new last-seen time and deadline. Both are computed from the row
+/// as the `UPDATE` finds it (an ingest flush may have moved it since the batch was read), so
+/// neither the last-seen time nor the snapshot ever goes back.
+fn silence_sweep_sql(which: &str, deadline_sets: &str) -> String {
     let picked: Vec<String> = SNAPSHOT_COLUMNS
         .iter()
         .map(|(_, h)| format!("h.{h} AS hb_{h}"))
@@ -459,35 +479,44 @@ fn silence_sweep_sql(which: &str, limit: &str, only_if: &str) -> String {
     let sets: Vec<String> = SNAPSHOT_COLUMNS
         .iter()
         .filter(|(l, _)| *l != "received_at")
-        .map(|(l, h)| format!("{l} = CASE WHEN c.hb_ts IS NULL THEN l.{l} ELSE c.hb_{h} END"))
+        .map(|(l, h)| {
+            format!(
+                "{l} = CASE WHEN c.hb_ts IS NULL OR c.hb_ts < l.last_hb_at THEN l.{l} ELSE c.hb_{h} END"
+            )
+        })
         .collect();
+    let seen = "greatest(l.last_seen_at, c.hb_received_at)";
+    let deadline = format!("({seen} + c.threshold)");
+    let deadline_sets = deadline_sets
+        .replace("{seen}", seen)
+        .replace("{deadline}", &deadline);
     format!(
-        "WITH c AS (
-             SELECT l.device_id, d.elder_id, d.heartbeat_interval_s,
-                    greatest(l.last_seen_at, h.received_at) AS seen,
-                    greatest(l.last_seen_at, h.received_at)
-                        + make_interval(secs => d.heartbeat_interval_s * $1::float8) AS deadline,
-                    {picked}
+        "WITH due AS (
+             SELECT l.device_id, l.last_hb_at, d.elder_id, d.heartbeat_interval_s
              FROM device_latest l JOIN devices d USING (device_id)
+             WHERE {which} AND l.last_seen_at IS NOT NULL
+             ORDER BY l.silence_check_at LIMIT {SILENCE_BATCH}
+             FOR UPDATE OF l SKIP LOCKED
+         ), c AS (
+             SELECT due.device_id, due.elder_id, due.heartbeat_interval_s,
+                    make_interval(secs => due.heartbeat_interval_s * $1::float8) AS threshold,
+                    {picked}
+             FROM due
              LEFT JOIN LATERAL (
                  SELECT hb.* FROM heartbeats hb
-                 WHERE hb.device_id = l.device_id
-                   AND (l.last_hb_at IS NULL OR hb.ts >= l.last_hb_at)
+                 WHERE hb.device_id = due.device_id
+                   AND hb.ts >= coalesce(due.last_hb_at, '-infinity')
+                   AND hb.ts <= now() + interval '1 day'
                  ORDER BY hb.ts DESC, hb.seq DESC
                  LIMIT 1
              ) h ON true
-             WHERE {which} AND l.last_seen_at IS NOT NULL
-             {limit}
-             FOR UPDATE OF l SKIP LOCKED
          )
          UPDATE device_latest l
-         SET last_seen_at = c.seen,
-             silent_after = c.deadline,
-             silence_check_at = c.deadline,
-             silence_alerted = c.deadline <= now(),
+         SET last_seen_at = {seen},
+             {deadline_sets},
              {sets}
          FROM c
-         WHERE l.device_id = c.device_id {only_if}
+         WHERE l.device_id = c.device_id
          RETURNING l.device_id, c.elder_id, l.last_seen_at, c.heartbeat_interval_s, l.silence_alerted",
         picked = picked.join(", "),
         sets = sets.join(",\n             "),
@@ -497,16 +526,33 @@ fn silence_sweep_sql(which: &str, limit: &str, only_if: &str) -> String {
 /// Devices whose (possibly early) deadline has come: confirmed silent, or moved forward.
 static SILENCE_DUE_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     silence_sweep_sql(
-        "(l.silence_check_at <= now() OR l.silence_check_at IS NULL) AND NOT l.silence_alerted",
-        &format!("ORDER BY l.silence_check_at NULLS FIRST LIMIT {SILENCE_BATCH}"),
-        "",
+        "l.silence_check_at <= now() AND NOT l.silence_alerted",
+        "silent_after = {deadline}, silence_check_at = {deadline}, \
+         silence_alerted = {deadline} <= now()",
     )
 });
 
-/// Alerted devices whose data came back: re-armed with a new deadline.
+/// Alerted devices, a batch at a time, oldest check first: those whose data came back are
+/// re-armed with a new deadline, the others are looked at again [`BACK_RECHECK`] later.
+/// For an alerted row `silence_check_at` is the time of its next look (partial index
+/// `device_latest_silence_alerted`): after a fleet-wide outage each sweep probes one batch,
+/// not every silent device.
 static SILENCE_BACK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    silence_sweep_sql("l.silence_alerted", "", "AND c.seen > l.last_seen_at")
+    silence_sweep_sql(
+        "l.silence_alerted AND l.silence_check_at <= now()",
+        &format!(
+            "silent_after = CASE WHEN c.hb_received_at > l.last_seen_at THEN {{deadline}} \
+                                 ELSE l.silent_after END, \
+             silence_check_at = CASE WHEN c.hb_received_at > l.last_seen_at THEN {{deadline}} \
+                                     ELSE now() + interval '{} milliseconds' END, \
+             silence_alerted = NOT coalesce(c.hb_received_at > l.last_seen_at, false)",
+            BACK_RECHECK.as_millis()
+        ),
+    )
 });
+
+/// How long an alerted device waits between two looks for its data.
+const BACK_RECHECK: Duration = Duration::from_secs(2);
 
 /// Silence, from the stored heartbeats (migration 0007): ingest no longer rewrites a
 /// device's row for every heartbeat, so the row's deadline is a lower bound. When it comes,
@@ -516,7 +562,10 @@ static SILENCE_BACK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(
 async fn sweep_silence(
     client: &mut deadpool_postgres::Client,
     settings: &AlertSettings,
+    metrics: &crate::metrics::SilenceMetrics,
+    cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
+    let started = Instant::now();
     let factor = settings.silence_factor as f64;
     let mut raised = 0;
     let mut moved = 0;
@@ -553,13 +602,23 @@ async fn sweep_silence(
             raised += 1;
         }
         tx.commit().await?;
-        if (rows.len() as i64) < SILENCE_BATCH {
+        // A fleet-wide wave of deadlines takes many batches. Escalation steps run in the same
+        // task, so the rest waits for the next sweep rather than delay them; shutdown need
+        // not wait for it either (what is left is still due at the next start).
+        if (rows.len() as i64) < SILENCE_BATCH
+            || started.elapsed() >= SILENCE_SWEEP_BUDGET
+            || cancel.is_cancelled()
+        {
             break;
         }
     }
+    metrics.deadlines_moved.inc_by(moved);
+    metrics.alerts_raised.inc_by(raised);
     let tx = client.transaction().await?;
     // Data came back: re-arm the device, then resolve its open silence alert.
-    tx.query(SILENCE_BACK_SQL.as_str(), &[&factor]).await?;
+    let looked = tx.query(SILENCE_BACK_SQL.as_str(), &[&factor]).await?;
+    let rearmed = looked.iter().filter(|r| !r.get::<_, bool>(4)).count();
+    metrics.rearmed.inc_by(rearmed as u64);
     let back = tx
         .query(
             "SELECT a.subject FROM alerts a JOIN device_latest l ON l.device_id = a.device_id
@@ -674,4 +733,22 @@ pub async fn daily_knock(
     tx.commit().await?;
     tracing::info!(day = %local_day, checked, raised = rows.len(), "daily knock done");
     Ok(Some(rows.len()))
+}
+
+#[cfg(test)]
+mod silence_sql_tests {
+    use super::{SILENCE_BACK_SQL, SILENCE_DUE_SQL};
+
+    #[test]
+    fn the_silence_statements_have_every_placeholder_filled() {
+        for sql in [SILENCE_DUE_SQL.as_str(), SILENCE_BACK_SQL.as_str()] {
+            assert!(
+                !sql.contains("{seen}") && !sql.contains("{deadline}"),
+                "{sql}"
+            );
+            if std::env::var_os("SG_PRINT_SQL").is_some() {
+                println!("{sql};");
+            }
+        }
+    }
 }

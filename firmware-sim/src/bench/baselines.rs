@@ -158,6 +158,8 @@ pub struct Offer {
     pub rate: f64,
     pub warmup: Duration,
     pub window: Duration,
+    /// The publishers' write tick, as in the load ([`LoadSettings::tick`]).
+    pub tick: Duration,
 }
 
 /// Broker pass-through: flood the broker with the load, count what a bare subscriber gets.
@@ -172,6 +174,7 @@ pub async fn broker_passthrough(
         rate,
         warmup,
         window,
+        tick,
     } = offer;
     let stream = subscriber(broker, &format!("bench-base-sub-{tag}")).await?;
     let received = Arc::new(AtomicU64::new(0));
@@ -225,6 +228,7 @@ pub async fn broker_passthrough(
             seed: 7,
             client_prefix: format!("bench-base-pub-{tag}"),
             markers_per_s: 0.0,
+            tick,
         },
         None,
     )
@@ -335,6 +339,7 @@ pub async fn naive_bridge(
         rate,
         warmup,
         window,
+        tick,
     } = offer;
     let db_err = |e: tokio_postgres::Error| BenchError::Db(format!("naive bridge: {e}"));
     db.batch_execute(&same_shape_table_sql("naive_heartbeats"))
@@ -417,6 +422,7 @@ pub async fn naive_bridge(
                 seed: 11,
                 client_prefix: format!("bench-naive-pub-{tag}"),
                 markers_per_s: 0.0,
+                tick,
             },
             None,
         )

@@ -41,8 +41,6 @@ const INFLIGHT: u64 = 2000;
 /// Burst the token bucket allows: 50 ms of the connection's rate (timer wake-ups are late by
 /// a millisecond or two; a burst that small does not distort the offered rate).
 const BURST: Duration = Duration::from_millis(50);
-/// The publisher wakes at most this often (it writes everything due at each wake-up).
-const TICK: Duration = Duration::from_millis(1);
 
 /// What to offer.
 #[derive(Debug, Clone)]
@@ -59,6 +57,10 @@ pub struct LoadSettings {
     pub client_prefix: String,
     /// Lag markers per second, all connections together (0: none).
     pub markers_per_s: f64,
+    /// Each connection wakes at most this often and writes everything due in one write.
+    /// Longer ticks mean fewer, larger writes: less CPU for the bench and the broker per
+    /// message, burstier arrivals (docs/performance.md).
+    pub tick: Duration,
 }
 
 /// One simulated bracelet inside a connection's publisher.
@@ -144,6 +146,7 @@ impl Load {
                 counters: counters.clone(),
                 overflow: overflow.clone(),
                 markers: markers.clone().zip(marker_every),
+                tick: s.tick,
                 stop: stop.clone(),
             })));
         }
@@ -242,6 +245,7 @@ struct Publisher {
     counters: Arc<ConnCounters>,
     overflow: Arc<AtomicU64>,
     markers: Option<(mpsc::UnboundedSender<Marker>, Duration)>,
+    tick: Duration,
     stop: CancellationToken,
 }
 
@@ -294,7 +298,7 @@ async fn publish_loop(mut p: Publisher) {
             }
             let wait = bucket
                 .until_next(now.into_std())
-                .clamp(TICK, Duration::from_millis(50));
+                .clamp(p.tick, Duration::from_millis(50));
             tokio::select! {
                 _ = p.stop.cancelled() => break,
                 _ = p.rate.changed() => {}

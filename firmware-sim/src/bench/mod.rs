@@ -140,6 +140,8 @@ pub struct BenchConfig {
     pub copy_rows: u64,
     /// Lag markers per second over the whole load ([`lag`]).
     pub markers_per_s: f64,
+    /// Each load connection writes what is due at most this often ([`load`]).
+    pub publish_tick: Duration,
     /// How often the lag tracker looks for its markers (the lag figures' resolution).
     pub lag_poll: Duration,
     /// SQL run on the bench database after `silverguard migrate`, before the service starts
@@ -180,6 +182,7 @@ impl BenchConfig {
             naive_rate: 5_000.0,
             copy_rows: 1_000_000,
             markers_per_s: 100.0,
+            publish_tick: Duration::from_millis(1),
             lag_poll: Duration::from_millis(20),
             db_sql: Vec::new(),
             cancel: CancellationToken::new(),
@@ -238,6 +241,9 @@ impl BenchConfig {
         }
         if self.steps.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
             p.push("--steps must all be above 0".to_string());
+        }
+        if self.publish_tick.is_zero() || self.publish_tick > Duration::from_millis(50) {
+            p.push("--publish-tick must be between 1ms and 50ms".into());
         }
         if self.markers_per_s < 0.0 || self.lag_poll.is_zero() {
             p.push("--markers-per-s must be >= 0 and --lag-poll above 0".to_string());
@@ -360,6 +366,10 @@ async fn run_in(
         ("SILVERGUARD_NOTIFY__SMS__URL", gateway.url()),
         // The daily knock would alert on every idle bench device at 10:00.
         ("SILVERGUARD_ALERTS__WELLNESS_CHECK_AT", "off".into()),
+        // The silence sweeper reads every device's newest heartbeat once per threshold
+        // (migration 0007). Its start-up grace (60 s) would keep that work out of the first
+        // minute, that is out of the first steps' windows, and flatter them.
+        ("SILVERGUARD_ALERTS__SILENCE_GRACE", "0s".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -486,6 +496,7 @@ async fn run_baselines(
             rate: cfg.broker_rate,
             warmup,
             window: cfg.baseline_window,
+            tick: cfg.publish_tick,
         };
         match baselines::broker_passthrough(broker, offer, tag).await {
             Ok(b) => {
@@ -540,6 +551,7 @@ async fn run_baselines(
             rate: cfg.naive_rate,
             warmup,
             window: cfg.baseline_window,
+            tick: cfg.publish_tick,
         };
         match baselines::naive_bridge(broker, client, offer, tag).await {
             Ok(b) => {
@@ -676,6 +688,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         sos_timeout_s: cfg.sos_timeout.as_secs_f64(),
         markers_per_s: cfg.markers_per_s,
         lag_poll_ms: cfg.lag_poll.as_secs_f64() * 1000.0,
+        publish_tick_ms: cfg.publish_tick.as_secs_f64() * 1000.0,
         seed: cfg.seed,
         service_env: cfg
             .service_env
@@ -739,6 +752,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             seed: cfg.seed,
             client_prefix: format!("bench-hb-{tag}"),
             markers_per_s: cfg.markers_per_s,
+            tick: cfg.publish_tick,
         },
         Some(lag.tx.clone()),
     )

@@ -46,6 +46,8 @@ pub struct Settings {
     pub sos_timeout_s: f64,
     pub markers_per_s: f64,
     pub lag_poll_ms: f64,
+    /// The load connections' write tick (`--publish-tick`).
+    pub publish_tick_ms: f64,
     pub seed: u64,
     pub database: String,
     pub kept_database: bool,
