@@ -114,6 +114,7 @@ impl Application {
         let sweeper = tokio::spawn(crate::alerts::run_sweeper(
             pool.clone(),
             settings.alerts.clone(),
+            settings.ingest.max_clock_ahead,
             metrics.silence.clone(),
             alerts_cancel.clone(),
         ));

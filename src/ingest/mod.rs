@@ -25,7 +25,6 @@ pub mod session;
 pub use silverguard_core::validate;
 pub mod writer;
 
-use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -121,9 +120,9 @@ pub struct Lanes {
 }
 
 /// Provisioned device ids, cached. Filled at start, extended on a confirmed lookup, and
-/// refreshed periodically so removals take effect.
+/// refreshed periodically so removals take effect. Looked up for every message.
 #[derive(Clone, Default)]
-pub struct KnownDevices(Arc<RwLock<HashSet<String>>>);
+pub struct KnownDevices(Arc<RwLock<foldhash::HashSet<String>>>);
 
 impl KnownDevices {
     pub fn contains(&self, id: &str) -> bool {
@@ -134,7 +133,8 @@ impl KnownDevices {
             s.insert(id);
         }
     }
-    pub fn replace(&self, ids: HashSet<String>) {
+    pub fn replace(&self, ids: impl IntoIterator<Item = String>) {
+        let ids: foldhash::HashSet<String> = ids.into_iter().collect();
         if let Ok(mut s) = self.0.write() {
             *s = ids;
         }
