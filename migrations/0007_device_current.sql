@@ -59,15 +59,17 @@ WHERE silence_check_at IS NULL AND silent_after IS NOT NULL;
 CREATE INDEX device_latest_silence_alerted ON device_latest (silence_check_at) WHERE silence_alerted;
 
 -- A shorter heartbeat interval brings the silence deadline forward, but the row is no longer
--- rewritten by the next heartbeat to notice: have the sweeper recompute it at once, whichever
--- path (CLI, API, bulk import) changed the interval.
-CREATE FUNCTION sg_recheck_silence() RETURNS trigger LANGUAGE plpgsql AS $$
+-- rewritten by the next heartbeat to notice. Whichever path (CLI, API, bulk import) changes
+-- the interval, the device is queued here and the sweeper makes its deadline due at once.
+-- Queued, not updated in place: a bulk import is one transaction, and row locks on
+-- device_latest held until it commits would stall ingest's flush.
+CREATE TABLE silence_rechecks (device_id text PRIMARY KEY);
+CREATE FUNCTION sg_queue_silence_recheck() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE device_latest SET silence_check_at = now()
-    WHERE device_id = NEW.device_id AND NOT silence_alerted;
+    INSERT INTO silence_rechecks (device_id) VALUES (NEW.device_id) ON CONFLICT DO NOTHING;
     RETURN NULL;
 END $$;
 CREATE TRIGGER devices_interval_recheck_silence
     AFTER UPDATE OF heartbeat_interval_s ON devices
     FOR EACH ROW WHEN (NEW.heartbeat_interval_s IS DISTINCT FROM OLD.heartbeat_interval_s)
-    EXECUTE FUNCTION sg_recheck_silence();
+    EXECUTE FUNCTION sg_queue_silence_recheck();

@@ -569,12 +569,64 @@ async fn sweep_silence(
     metrics: &crate::metrics::SilenceMetrics,
     cancel: &CancellationToken,
 ) -> Result<(), StoreError> {
+    let ahead = max_clock_ahead.as_secs_f64();
+    // Each part runs even when an earlier one failed: a device whose alert cannot be
+    // written must not keep every other device from being re-armed.
+    let rechecked = recheck_changed_intervals(client).await;
+    let due = sweep_due(client, settings, ahead, metrics, cancel).await;
+    let back = sweep_back(client, settings, ahead, metrics).await;
+    rechecked.and(due).and(back)
+}
+
+/// Devices whose heartbeat interval changed (queued by the trigger of migration 0007) are
+/// due at once, so a shorter interval's deadline applies from this sweep. Queued rather than
+/// updated by the trigger itself: a bulk import that changes thousands of intervals would
+/// otherwise hold their `device_latest` rows until it commits, and ingest's flush with them.
+async fn recheck_changed_intervals(
+    client: &mut deadpool_postgres::Client,
+) -> Result<(), StoreError> {
+    let tx = client.transaction().await?;
+    let ids: Vec<String> = tx
+        .query(
+            "DELETE FROM silence_rechecks WHERE device_id IN (
+                 SELECT device_id FROM silence_rechecks LIMIT 1000 FOR UPDATE SKIP LOCKED)
+             RETURNING device_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !ids.is_empty() {
+        // Locked in device order, as ingest's flush does: no deadlock with it.
+        tx.execute(
+            "WITH r AS (SELECT device_id FROM device_latest
+                        WHERE device_id = ANY($1) AND NOT silence_alerted
+                        ORDER BY device_id FOR UPDATE)
+             UPDATE device_latest l SET silence_check_at = now() FROM r
+             WHERE l.device_id = r.device_id",
+            &[&ids],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Due deadlines, a batch at a time: confirmed silent (alert raised in the same
+/// transaction) or moved forward.
+async fn sweep_due(
+    client: &mut deadpool_postgres::Client,
+    settings: &AlertSettings,
+    ahead: f64,
+    metrics: &crate::metrics::SilenceMetrics,
+    cancel: &CancellationToken,
+) -> Result<(), StoreError> {
     let started = Instant::now();
     let factor = settings.silence_factor as f64;
-    let ahead = max_clock_ahead.as_secs_f64();
-    let mut raised = 0;
-    let mut moved = 0;
     loop {
+        let mut raised = 0;
+        let mut moved = 0;
         let tx = client.transaction().await?;
         // Prepared once per connection: planning this statement over the day partitions
         // took about as long as a tenth of a batch.
@@ -610,6 +662,11 @@ async fn sweep_silence(
             raised += 1;
         }
         tx.commit().await?;
+        metrics.deadlines_moved.inc_by(moved);
+        metrics.alerts_raised.inc_by(raised);
+        if raised > 0 {
+            tracing::warn!(devices = raised, "device silence alerts raised");
+        }
         // A fleet-wide wave of deadlines takes many batches. Escalation steps run in the same
         // task, so the rest waits for the next sweep rather than delay them; shutdown need
         // not wait for it either (what is left is still due at the next start).
@@ -617,13 +674,21 @@ async fn sweep_silence(
             || started.elapsed() >= SILENCE_SWEEP_BUDGET
             || cancel.is_cancelled()
         {
-            break;
+            return Ok(());
         }
     }
-    metrics.deadlines_moved.inc_by(moved);
-    metrics.alerts_raised.inc_by(raised);
+}
+
+/// Data came back: re-arm the alerted devices that reported since, then resolve their open
+/// silence alerts.
+async fn sweep_back(
+    client: &mut deadpool_postgres::Client,
+    settings: &AlertSettings,
+    ahead: f64,
+    metrics: &crate::metrics::SilenceMetrics,
+) -> Result<(), StoreError> {
+    let factor = settings.silence_factor as f64;
     let tx = client.transaction().await?;
-    // Data came back: re-arm the device, then resolve its open silence alert.
     let back_sql = tx.prepare_cached(SILENCE_BACK_SQL.as_str()).await?;
     let looked = tx.query(&back_sql, &[&factor, &ahead]).await?;
     let rearmed = looked.iter().filter(|r| !r.get::<_, bool>(4)).count();
@@ -648,10 +713,6 @@ async fn sweep_silence(
         .await?;
     }
     tx.commit().await?;
-    if raised > 0 {
-        tracing::warn!(devices = raised, "device silence alerts raised");
-    }
-    tracing::debug!(moved, "silence deadlines moved");
     Ok(())
 }
 

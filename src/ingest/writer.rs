@@ -499,8 +499,9 @@ pub async fn run_event_lane(
             }
             ctx.observe_commit(item.ack.received, e.occurred_at);
             ctx.acks.done(item.ack);
-            // Never wait here: the event lane carries SOS presses, and "last seen" is only a
-            // convenience the device's next heartbeat refreshes anyway.
+            // Never wait here: the event lane carries SOS presses. A "last seen" dropped when
+            // the tracker is busy is made up by the device's next row refresh, and the
+            // sweeper reads the device's heartbeats anyway.
             let _ = ctx.latest.try_send(vec![LatestUpdate::Seen {
                 device_id: e.device_id.clone(),
                 at: e.received_at,
@@ -682,11 +683,18 @@ struct Latest {
     presence: Option<(bool, DateTime<Utc>)>,
 }
 
-/// What the tracker holds between flushes: the pending writes, and when each device's row
-/// was last written by this process.
+/// When this process last wrote a device's row with a last-seen time, and the newest
+/// heartbeat time it wrote.
+struct Written {
+    at: Instant,
+    hb_ts: Option<DateTime<Utc>>,
+}
+
+/// What the tracker holds between flushes: the pending writes, and what this process last
+/// wrote for each device.
 struct LatestState {
     pending: HashMap<String, Latest>,
-    written: foldhash::HashMap<String, Instant>,
+    written: foldhash::HashMap<String, Written>,
     /// Heartbeats of a device written less than this long ago are not written again.
     refresh: Duration,
     last_pruned: Instant,
@@ -702,11 +710,16 @@ impl LatestState {
         }
     }
 
-    /// Whether this device's row was written within the refresh period.
-    fn fresh(&self, device_id: &str, now: Instant) -> bool {
-        self.written
-            .get(device_id)
-            .is_some_and(|t| now.saturating_duration_since(*t) < self.refresh)
+    /// Whether `hb` can be left out: its device's row was written within the refresh
+    /// period with a heartbeat no newer. An older one still goes in: the view and the
+    /// sweeper only look at heartbeats from the row's on, so one whose clock stepped back
+    /// would otherwise look silent until its clock caught up (its row's last-seen time
+    /// moves with every write, whatever the heartbeat's own time).
+    fn fresh(&self, hb: &Heartbeat, now: Instant) -> bool {
+        self.written.get(&hb.device_id).is_some_and(|w| {
+            now.saturating_duration_since(w.at) < self.refresh
+                && w.hb_ts.is_some_and(|ts| hb.ts >= ts)
+        })
     }
 
     fn merge(&mut self, updates: Vec<LatestUpdate>) {
@@ -722,7 +735,7 @@ impl LatestState {
                     // there (migration 0007). The row is only rewritten now and then. (A
                     // write pending for a presence change or an event then carries an older
                     // heartbeat's snapshot, which readers overlay anyway.)
-                    if self.fresh(&hb.device_id, now) {
+                    if self.fresh(&hb, now) {
                         continue;
                     }
                     let e = self.pending.entry(hb.device_id.clone()).or_default();
@@ -748,21 +761,33 @@ impl LatestState {
         }
     }
 
+    /// Records what a flush wrote. Only a write that set the last-seen time counts: an
+    /// "offline" presence alone leaves the row without a silence deadline.
+    fn stamp(&mut self, written: Vec<(String, Latest)>, now: Instant) {
+        for (id, l) in written {
+            if l.seen.is_none() {
+                continue;
+            }
+            let hb_ts = l.hb.map(|h| h.ts);
+            let w = self.written.entry(id).or_insert(Written { at: now, hb_ts });
+            w.at = now;
+            w.hb_ts = w.hb_ts.max(hb_ts);
+        }
+    }
+
     async fn flush(&mut self, pool: &Pool, silence_factor: f64) {
         let written = flush_latest(pool, &mut self.pending, silence_factor).await;
         if self.refresh.is_zero() {
             return;
         }
         let now = Instant::now();
-        for id in written {
-            self.written.insert(id, now);
-        }
+        self.stamp(written, now);
         // Devices that stopped reporting here (moved to another instance, removed) would
         // otherwise stay in the map for the life of the process.
         if now.saturating_duration_since(self.last_pruned) >= self.refresh {
             let refresh = self.refresh;
             self.written
-                .retain(|_, t| now.saturating_duration_since(*t) < refresh);
+                .retain(|_, w| now.saturating_duration_since(w.at) < refresh);
             self.last_pruned = now;
         }
     }
@@ -903,7 +928,7 @@ async fn flush_latest(
     pool: &Pool,
     pending: &mut HashMap<String, Latest>,
     silence_factor: f64,
-) -> Vec<String> {
+) -> Vec<(String, Latest)> {
     if pending.is_empty() {
         return Vec::new();
     }
@@ -928,7 +953,7 @@ async fn flush_latest(
         let rest = entries.split_off(written);
         pending.extend(rest);
     }
-    entries.into_iter().map(|(id, _)| id).collect()
+    entries
 }
 
 async fn upsert_latest(
@@ -1034,7 +1059,7 @@ mod tests {
         s.merge(vec![hb("a", 1)]);
         assert!(s.pending.contains_key("a"), "first sight is written");
         s.pending.clear();
-        s.written.insert("a".into(), Instant::now());
+        s.written.insert("a".into(), written_now(Utc::now()));
         s.merge(vec![hb("a", 2), hb("b", 1)]);
         assert!(!s.pending.contains_key("a"), "written a moment ago");
         assert!(s.pending.contains_key("b"), "never written by this process");
@@ -1055,13 +1080,59 @@ mod tests {
     fn an_expired_refresh_or_a_zero_one_writes_the_heartbeat() {
         let mut s = LatestState::new(Duration::from_millis(5));
         let earlier = Instant::now().checked_sub(Duration::from_millis(10));
-        s.written
-            .insert("a".into(), earlier.unwrap_or_else(Instant::now));
+        s.written.insert(
+            "a".into(),
+            Written {
+                at: earlier.unwrap_or_else(Instant::now),
+                hb_ts: Some(Utc::now()),
+            },
+        );
         s.merge(vec![hb("a", 2)]);
         assert!(s.pending.contains_key("a"));
         let mut every = LatestState::new(Duration::ZERO);
-        every.written.insert("a".into(), Instant::now());
+        every.written.insert("a".into(), written_now(Utc::now()));
         every.merge(vec![hb("a", 2)]);
         assert!(every.pending.contains_key("a"));
+    }
+
+    #[test]
+    fn a_heartbeat_older_than_the_one_written_is_written() {
+        // The bracelet's clock stepped back: its new heartbeats sort before the row's.
+        let mut s = LatestState::new(Duration::from_secs(300));
+        s.written.insert(
+            "a".into(),
+            written_now(Utc::now() + chrono::TimeDelta::minutes(10)),
+        );
+        s.merge(vec![hb("a", 7)]);
+        assert!(s.pending.contains_key("a"));
+    }
+
+    #[test]
+    fn only_a_write_with_a_last_seen_time_makes_a_device_fresh() {
+        let mut s = LatestState::new(Duration::from_secs(300));
+        let offline = Latest {
+            presence: Some((false, Utc::now())),
+            ..Default::default()
+        };
+        let seen = Latest {
+            seen: Some(Utc::now()),
+            ..Default::default()
+        };
+        s.stamp(
+            vec![("off".into(), offline), ("on".into(), seen)],
+            Instant::now(),
+        );
+        assert!(!s.written.contains_key("off"));
+        assert!(s.written.contains_key("on"));
+        // Written without a heartbeat: the next heartbeat is still written.
+        s.merge(vec![hb("on", 1)]);
+        assert!(s.pending.contains_key("on"));
+    }
+
+    fn written_now(hb_ts: DateTime<Utc>) -> Written {
+        Written {
+            at: Instant::now(),
+            hb_ts: Some(hb_ts),
+        }
     }
 }

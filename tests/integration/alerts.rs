@@ -371,6 +371,24 @@ steps = [
         !sms.matching(&h.grid_phone).is_empty()
     })
     .await;
+    // Killed after step 0 is recorded as sent, not in the moment between the provider's
+    // answer and that record: a kill there resends, by design (at least once; that case is
+    // killed_mid_send_the_restarted_process_resends_at_once_not_after_the_lease).
+    let c = db.client().await;
+    wait_until(
+        "step 0 recorded as sent",
+        Duration::from_secs(5),
+        || async {
+            c.query_one(
+                "SELECT count(*) FROM outbox WHERE step = 0 AND status IN ('pending', 'sending')",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 0)
+            .unwrap_or(false)
+        },
+    )
+    .await;
     service.kill9();
     let service = ServiceProcess::spawn_with(&db, &broker, &client_id, Some(config.path()));
     service.wait_ready().await;
@@ -712,6 +730,74 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
         },
     )
     .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_heartbeat_interval_brings_the_silence_alert_forward() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::start().await;
+    let smtp = SmtpSink::start().await;
+    let sms = CaptureServer::start().await;
+    let mut s = alert_settings(&db, &broker, &smtp, &sms, 3600, 7200);
+    s.alerts.silence_factor = 3;
+    let app = RunningApp::start(s).await;
+    let h = household(&db, "shorter").await;
+    let c = db.client().await;
+    // 60 s x 3: the first deadline is three minutes after the report.
+    c.execute(
+        "UPDATE devices SET heartbeat_interval_s = 60 WHERE device_id = $1",
+        &[&h.device],
+    )
+    .await
+    .unwrap();
+    let hb = OneShot::Heartbeat(pb::Heartbeat {
+        seq: 1,
+        measured_at_ms: chrono::Utc::now().timestamp_millis(),
+        worn: true,
+        device_id: h.device.clone(),
+        ..Default::default()
+    });
+    send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    wait_until("the device's row", Duration::from_secs(10), || async {
+        c.query_one(
+            "SELECT count(*) FROM device_latest WHERE device_id = $1
+               AND silence_check_at > now() + interval '1 minute'",
+            &[&h.device],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0) == 1)
+        .unwrap_or(false)
+    })
+    .await;
+    // Now 2 s x 3 = 6 s: the alert must not wait for the old deadline.
+    c.execute(
+        "UPDATE devices SET heartbeat_interval_s = 2 WHERE device_id = $1",
+        &[&h.device],
+    )
+    .await
+    .unwrap();
+    wait_until(
+        "device_silent long before the old deadline",
+        Duration::from_secs(30),
+        || async {
+            c.query_one(
+                "SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND device_id = $1",
+                &[&h.device],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM silence_rechecks").await,
+        0,
+        "the sweeper took the queued recheck"
+    );
     app.stop().await;
 }
 
