@@ -591,23 +591,58 @@ async fn two_processes_send_every_notification_once() {
     b.stop().await;
 }
 
+/// A running service with silence factor 3 and one household whose bracelet reports every
+/// `interval_s` seconds (threshold `3 × interval_s`), for the silence tests.
+struct SilenceRig {
+    db: TestDb,
+    broker: TestBroker,
+    _smtp: SmtpSink,
+    _sms: CaptureServer,
+    app: RunningApp,
+    h: Household,
+    c: tokio_postgres::Client,
+}
+
+impl SilenceRig {
+    async fn start(tag: &str, interval_s: i32) -> SilenceRig {
+        let db = TestDb::new().await;
+        let broker = TestBroker::start().await;
+        let smtp = SmtpSink::start().await;
+        let sms = CaptureServer::start().await;
+        let mut s = alert_settings(&db, &broker, &smtp, &sms, 3600, 7200);
+        s.alerts.silence_factor = 3;
+        let app = RunningApp::start(s).await;
+        let h = household(&db, tag).await;
+        let c = db.client().await;
+        c.execute(
+            "UPDATE devices SET heartbeat_interval_s = $2 WHERE device_id = $1",
+            &[&h.device, &interval_s],
+        )
+        .await
+        .unwrap();
+        SilenceRig {
+            db,
+            broker,
+            _smtp: smtp,
+            _sms: sms,
+            app,
+            h,
+            c,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
-    let db = TestDb::new().await;
-    let broker = TestBroker::start().await;
-    let smtp = SmtpSink::start().await;
-    let sms = CaptureServer::start().await;
-    let mut s = alert_settings(&db, &broker, &smtp, &sms, 3600, 7200);
-    s.alerts.silence_factor = 3;
-    let app = RunningApp::start(s).await;
-    let h = household(&db, "s").await;
-    let c = db.client().await;
-    c.execute(
-        "UPDATE devices SET heartbeat_interval_s = 2 WHERE device_id = $1",
-        &[&h.device],
-    )
-    .await
-    .unwrap();
+    let SilenceRig {
+        db: _db,
+        broker,
+        _smtp,
+        _sms,
+        app,
+        h,
+        c,
+    } = SilenceRig::start("s", 2).await;
     // Two reports 1.5-3 s apart. The first creates the device's row; the second is only
     // stored in `heartbeats` (the row is refreshed every `ingest.latest_refresh`, 5 min), so
     // the row's deadline stays a report behind the one readers see through
@@ -735,22 +770,16 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shorter_heartbeat_interval_brings_the_silence_alert_forward() {
-    let db = TestDb::new().await;
-    let broker = TestBroker::start().await;
-    let smtp = SmtpSink::start().await;
-    let sms = CaptureServer::start().await;
-    let mut s = alert_settings(&db, &broker, &smtp, &sms, 3600, 7200);
-    s.alerts.silence_factor = 3;
-    let app = RunningApp::start(s).await;
-    let h = household(&db, "shorter").await;
-    let c = db.client().await;
     // 60 s x 3: the first deadline is three minutes after the report.
-    c.execute(
-        "UPDATE devices SET heartbeat_interval_s = 60 WHERE device_id = $1",
-        &[&h.device],
-    )
-    .await
-    .unwrap();
+    let SilenceRig {
+        db,
+        broker,
+        _smtp,
+        _sms,
+        app,
+        h,
+        c,
+    } = SilenceRig::start("shorter", 60).await;
     let hb = OneShot::Heartbeat(pb::Heartbeat {
         seq: 1,
         measured_at_ms: chrono::Utc::now().timestamp_millis(),
@@ -803,21 +832,15 @@ async fn a_shorter_heartbeat_interval_brings_the_silence_alert_forward() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_reporting_steadily_is_never_silent_though_its_row_is_not_rewritten() {
-    let db = TestDb::new().await;
-    let broker = TestBroker::start().await;
-    let smtp = SmtpSink::start().await;
-    let sms = CaptureServer::start().await;
-    let mut s = alert_settings(&db, &broker, &smtp, &sms, 3600, 7200);
-    s.alerts.silence_factor = 3;
-    let app = RunningApp::start(s).await;
-    let h = household(&db, "steady").await;
-    let c = db.client().await;
-    c.execute(
-        "UPDATE devices SET heartbeat_interval_s = 1 WHERE device_id = $1",
-        &[&h.device],
-    )
-    .await
-    .unwrap();
+    let SilenceRig {
+        db,
+        broker,
+        _smtp,
+        _sms,
+        app,
+        h,
+        c,
+    } = SilenceRig::start("steady", 1).await;
     // A report every 0.8 s for 10 s: over three 3 s thresholds.
     let mut pace = tokio::time::interval(Duration::from_millis(800));
     let mut first_deadline = None;
