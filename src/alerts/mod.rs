@@ -442,23 +442,6 @@ const SILENCE_BATCH: i64 = 1_000;
 /// How long one sweep may spend on due deadlines before it lets escalation steps run again.
 const SILENCE_SWEEP_BUDGET: Duration = Duration::from_secs(1);
 
-/// Columns of the `device_latest` snapshot, with where each comes from in `heartbeats`.
-const SNAPSHOT_COLUMNS: [(&str, &str); 13] = [
-    ("last_hb_at", "ts"),
-    ("last_hb_seq", "seq"),
-    ("heart_rate_bpm", "heart_rate_bpm"),
-    ("spo2_pct", "spo2_pct"),
-    ("systolic_mmhg", "systolic_mmhg"),
-    ("diastolic_mmhg", "diastolic_mmhg"),
-    ("skin_temp_dc", "skin_temp_dc"),
-    ("steps_today", "steps_today"),
-    ("battery_pct", "battery_pct"),
-    ("worn", "worn"),
-    ("lat_e7", "lat_e7"),
-    ("lon_e7", "lon_e7"),
-    ("received_at", "received_at"),
-];
-
 /// One statement that takes devices matching `which` (locked, skipping rows another
 /// instance holds), reads each one's newest heartbeat, and writes the result back: the
 /// last-seen time, a deadline one threshold after it, the snapshot of that heartbeat, and
@@ -475,13 +458,20 @@ const SNAPSHOT_COLUMNS: [(&str, &str); 13] = [
 /// as the `UPDATE` finds it (an ingest flush may have moved it since the batch was read), so
 /// neither the last-seen time nor the snapshot ever goes back.
 fn silence_sweep_sql(which: &str, deadline_sets: &str) -> String {
-    let picked: Vec<String> = SNAPSHOT_COLUMNS
-        .iter()
-        .map(|(_, h)| format!("h.{h} AS hb_{h}"))
+    use crate::ingest::writer::{heartbeat_column, LATEST_HB_COLUMNS};
+    // The snapshot the ingest tracker writes, `last_hb_at` first.
+    let snapshot: Vec<(&str, &str)> = std::iter::once("last_hb_at")
+        .chain(LATEST_HB_COLUMNS)
+        .map(|l| (l, heartbeat_column(l)))
         .collect();
-    let sets: Vec<String> = SNAPSHOT_COLUMNS
+    let picked: Vec<String> = snapshot
         .iter()
-        .filter(|(l, _)| *l != "received_at")
+        .map(|(_, h)| h)
+        .chain([&"received_at"])
+        .map(|h| format!("h.{h} AS hb_{h}"))
+        .collect();
+    let sets: Vec<String> = snapshot
+        .iter()
         .map(|(l, h)| {
             format!(
                 "{l} = CASE WHEN c.hb_ts IS NULL OR c.hb_ts < l.last_hb_at THEN l.{l} ELSE c.hb_{h} END"

@@ -838,7 +838,9 @@ pub async fn flush_updates(pool: &Pool, updates: Vec<LatestUpdate>, silence_fact
 }
 
 /// Columns that follow the newest heartbeat, in `device_latest` order after `last_hb_at`.
-const LATEST_HB_COLUMNS: [&str; 11] = [
+/// The silence sweeper copies the same snapshot ([`heartbeat_column`] names each one's
+/// source in `heartbeats`), and the view `device_current` (migration 0007) overlays them.
+pub(crate) const LATEST_HB_COLUMNS: [&str; 11] = [
     "last_hb_seq",
     "heart_rate_bpm",
     "spo2_pct",
@@ -851,6 +853,16 @@ const LATEST_HB_COLUMNS: [&str; 11] = [
     "lat_e7",
     "lon_e7",
 ];
+
+/// The `heartbeats` column a `device_latest` snapshot column holds: the same name, except
+/// `last_hb_at` (the heartbeat's `ts`) and `last_hb_seq` (its `seq`).
+pub(crate) fn heartbeat_column(latest: &str) -> &str {
+    match latest {
+        "last_hb_at" => "ts",
+        "last_hb_seq" => "seq",
+        other => other,
+    }
+}
 
 /// Built once: the flush runs it up to 50 times a second (100,000 devices in chunks).
 static LATEST_UPSERT_SQL: LazyLock<String> = LazyLock::new(latest_upsert_sql);
