@@ -40,13 +40,14 @@ def main():
     src, out = argv
     with open(src) as f:
         r = json.load(f)
-    steps = r.get("steps") or []
+    # Refinement steps come after the ramp, at rates between its steps: plot by rate.
+    steps = sorted(r.get("steps") or [], key=lambda s: s["offered_per_s"])
     if not steps:
         sys.exit(f"{src}: no steps to plot")
     other = None
     if "--compare" in opts:
         with open(opts["--compare"]) as f:
-            other = json.load(f).get("steps") or []
+            other = sorted(json.load(f).get("steps") or [], key=lambda s: s["offered_per_s"])
     label = opts.get("--label", "silverguard")
     other_label = opts.get("--compare-label", "compared run")
     ensure_matplotlib()

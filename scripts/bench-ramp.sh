@@ -30,7 +30,11 @@ cargo build --release --locked -p firmware-sim -p silverguard
 mkdir -p "$(dirname "$JSON")" "$(dirname "$PNG")" target/bench
 log "bracelet-sim bench (ramp) $*"
 status=0
-target/release/bracelet-sim bench \
+# The bench on one runtime thread, as in every run of docs/performance.md since the fourth
+# round: it leaves more of the two cores to the broker, PostgreSQL and silverguard.
+# After the ramp, up to three refinement steps (--refine, the default) halve the gap between
+# the highest sustained rate and the first one that was not.
+TOKIO_WORKER_THREADS="${TOKIO_WORKER_THREADS:-1}" target/release/bracelet-sim bench \
   --mqtt-url "mqtt://127.0.0.1:$PORT" \
   --pg-base "$SILVERGUARD_PG_BASE" \
   --silverguard-bin target/release/silverguard \

@@ -46,7 +46,7 @@ enum Command {
     Send(SendArgs),
     /// Measure ingest throughput and lag, SOS -> SMS latency under load, and the limits
     /// (broker, COPY, naive bridge), against a silverguard it starts itself.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 /// Flags shared by `run` and `ids`, so a script can pass the same ones to both.
@@ -306,6 +306,11 @@ struct BenchArgs {
     /// ramp stops after the first step the service cannot keep up with.
     #[arg(long, value_delimiter = ',')]
     steps: Vec<f64>,
+    /// After a ramp reaches a rate it cannot sustain: up to this many extra steps, each
+    /// halving the gap between the highest sustained rate and the lowest unsustained one
+    /// (to 2 %), so the ceiling found does not depend on the ramp's spacing. 0: none.
+    #[arg(long, default_value_t = 3)]
+    refine: usize,
     /// Limits to measure first, in the same run: broker, copy, naive, all or none.
     #[arg(long, default_value = "none")]
     baselines: firmware_sim::bench::baselines::Which,
@@ -378,6 +383,7 @@ impl BenchArgs {
             seed: self.seed,
             quiet: self.quiet,
             steps: self.steps.clone(),
+            refine: self.refine,
             baselines: self.baselines,
             baseline_window: self.baseline_window,
             broker_rate: self.broker_rate,
@@ -433,7 +439,7 @@ async fn main() -> std::process::ExitCode {
         Command::Run(args) => run(args).await,
         Command::Ids(args) => ids(args),
         Command::Send(args) => send(args).await,
-        Command::Bench(args) => bench(args).await,
+        Command::Bench(args) => bench(*args).await,
     };
     match result {
         Ok(code) => code,

@@ -127,6 +127,11 @@ pub struct BenchConfig {
     /// A ramp: one step per offered rate (heartbeats/s), each with `warmup` + `duration` and
     /// drained before the next. Empty: one step at `rate`.
     pub steps: Vec<f64>,
+    /// Extra steps after a ramp that reached a rate it could not sustain: each halves the
+    /// gap between the highest sustained rate and the lowest unsustained one above it
+    /// ([`next_refinement`]), so the reported ceiling does not depend on how coarse the
+    /// ramp's steps are. Only for ramps (two steps or more).
+    pub refine: usize,
     /// Baselines measured before the service starts ([`baselines`]).
     pub baselines: baselines::Which,
     /// Measured window of the broker and naive-bridge baselines (after 2 s of warm-up).
@@ -176,6 +181,7 @@ impl BenchConfig {
             seed: 1,
             quiet: false,
             steps: Vec::new(),
+            refine: 0,
             baselines: baselines::Which::default(),
             baseline_window: Duration::from_secs(10),
             broker_rate: 400_000.0,
@@ -223,9 +229,18 @@ impl BenchConfig {
         (self.sos_rate * self.duration.as_secs_f64()).floor() as usize
     }
 
-    /// SOS presses all windows make.
+    /// Refinement steps a run may add after its ramp.
+    pub fn refine_steps(&self) -> usize {
+        if self.steps.len() > 1 {
+            self.refine
+        } else {
+            0
+        }
+    }
+
+    /// SOS presses all windows make (refinement steps counted as if they all ran).
     pub fn loaded_sos(&self) -> usize {
-        self.loaded_sos_per_step() * self.step_rates().len()
+        self.loaded_sos_per_step() * (self.step_rates().len() + self.refine_steps())
     }
 
     /// One device per SOS: the idle ones, the window's, and a 10 % margin (at least 5).
@@ -742,7 +757,9 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         cfg.lag_poll,
         Duration::from_secs(120),
     );
-    let rates = cfg.step_rates();
+    let mut rates = cfg.step_rates();
+    let planned = rates.len();
+    let mut refined = 0usize;
     let load = Load::start(
         LoadSettings {
             broker: broker.clone(),
@@ -765,10 +782,13 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     let mut published_before = 0u64;
     let mut first_window: Option<(CpuSample, CpuSample, Option<String>, Option<String>)> = None;
     let mut pub_in_windows = 0u64;
-    for (i, &rate) in rates.iter().enumerate() {
+    let mut i = 0;
+    while let Some(&rate) = rates.get(i) {
         load.set_rate(rate);
-        let step_name = if rates.len() > 1 {
-            format!("step {}/{} ", i + 1, rates.len())
+        let step_name = if i >= planned {
+            format!("refine {}/{} ", i + 1 - planned, cfg.refine_steps())
+        } else if planned > 1 {
+            format!("step {}/{planned} ", i + 1)
         } else {
             String::new()
         };
@@ -912,12 +932,23 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             first_window = Some((cpu0, cpu1, m0, m1));
         }
         report.steps.push(step);
-        if saturated && i + 1 < rates.len() {
+        if saturated && i + 1 < planned {
             p.say(format!(
                 "{step_name}the service did not keep up; the remaining steps would only \
                  measure its backlog, so the ramp stops here"
             ));
-            break;
+            rates.truncate(i + 1);
+        }
+        i += 1;
+        if i == rates.len() && refined < cfg.refine_steps() {
+            if let Some((next, lo, hi)) = next_refinement(&report.steps) {
+                p.say(format!(
+                    "refining: {lo:.0}/s was sustained and {hi:.0}/s was not; trying {next:.0}/s \
+                     (after the drain above, the service starts it with no backlog)"
+                ));
+                rates.push(next);
+                refined += 1;
+            }
         }
     }
     let counters = load.counters.clone();
@@ -1201,6 +1232,29 @@ fn service_metrics(m0: &str, m1: &str) -> report::ServiceMetrics {
     }
 }
 
+/// The next refinement step of a ramp: the midpoint, rounded to 250/s, between the highest
+/// sustained offered rate and the lowest unsustained one above it, with both bounds. None
+/// when nothing was sustained (the machine is overloaded from the first step; halving
+/// towards zero measures nothing useful), when every step was sustained, or when the gap is
+/// already within 2 % of the upper bound (about the run-to-run noise of this bench).
+pub fn next_refinement(steps: &[report::Step]) -> Option<(f64, f64, f64)> {
+    let lo = steps
+        .iter()
+        .filter(|s| s.is_sustained())
+        .map(|s| s.offered_per_s)
+        .fold(0.0, f64::max);
+    let hi = steps
+        .iter()
+        .filter(|s| !s.is_sustained() && s.offered_per_s > lo)
+        .map(|s| s.offered_per_s)
+        .fold(f64::INFINITY, f64::min);
+    if lo <= 0.0 || !hi.is_finite() || hi - lo <= (0.02 * hi).max(250.0) {
+        return None;
+    }
+    let mid = ((lo + hi) / 2.0 / 250.0).round() * 250.0;
+    (mid > lo && mid < hi).then_some((mid, lo, hi))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1268,5 +1322,49 @@ mod tests {
         assert_eq!(st.send_to_sms.count, 1);
         assert_eq!(busy_percent(Some((10, 100)), Some((60, 200))), Some(50.0));
         assert_eq!(busy_percent(None, Some((60, 200))), None);
+    }
+
+    fn step(offered: f64, committed: f64, lost: u64, lag_p99_ms: f64) -> report::Step {
+        let mut s = report::Step {
+            offered_per_s: offered,
+            committed_per_s: committed,
+            lost,
+            drained: lost == 0,
+            ..report::Step::default()
+        };
+        s.lag.latency.p99_ms = Some(lag_p99_ms);
+        s
+    }
+
+    #[test]
+    fn a_step_is_sustained_only_when_it_kept_up_without_loss() {
+        assert!(step(48_000.0, 47_400.0, 0, 150.0).is_sustained());
+        // Lost heartbeats, a backlog committed from before the window, or too little.
+        assert!(!step(50_000.0, 45_000.0, 99_632, 650.0).is_sustained());
+        assert!(!step(48_000.0, 55_933.0, 0, 5_886.0).is_sustained());
+        assert!(!step(48_000.0, 46_000.0, 0, 150.0).is_sustained());
+    }
+
+    #[test]
+    fn refinement_halves_the_gap_around_the_ceiling() {
+        let ramp = vec![
+            step(30_000.0, 30_000.0, 0, 100.0),
+            step(40_000.0, 40_000.0, 0, 120.0),
+            step(50_000.0, 44_939.0, 99_632, 658.0),
+        ];
+        assert_eq!(next_refinement(&ramp), Some((45_000.0, 40_000.0, 50_000.0)));
+        let mut more = ramp.clone();
+        more.push(step(45_000.0, 45_010.0, 0, 130.0));
+        assert_eq!(next_refinement(&more).map(|r| r.0), Some(47_500.0));
+        more.push(step(47_500.0, 46_000.0, 1, 700.0));
+        assert_eq!(next_refinement(&more).map(|r| r.0), Some(46_250.0));
+        more.push(step(46_250.0, 46_250.0, 0, 130.0));
+        assert_eq!(next_refinement(&more).map(|r| r.0), Some(47_000.0));
+        // Within 2 % of the upper bound: done.
+        more.push(step(47_000.0, 46_950.0, 0, 140.0));
+        assert_eq!(next_refinement(&more), None);
+        // Every step sustained, or none: nothing to refine.
+        assert_eq!(next_refinement(&ramp[..2]), None);
+        assert_eq!(next_refinement(&ramp[2..]), None);
     }
 }
