@@ -162,6 +162,23 @@ impl LagTracker {
         }
     }
 
+    /// Records every marker published before `before` and not seen yet as never committed,
+    /// and stops asking for it. For a step that lost heartbeats, once its drain has waited
+    /// for quiet: they will not come, and each poll would keep asking for them.
+    pub fn give_up_before(&self, before: Instant) {
+        if let (Ok(mut p), Ok(mut s)) = (self.pending.lock(), self.samples.lock()) {
+            s.extend(
+                p.iter()
+                    .filter(|m| m.published < before)
+                    .map(|m| LagSample {
+                        published: m.published,
+                        lag_ms: None,
+                    }),
+            );
+            p.retain(|m| m.published >= before);
+        }
+    }
+
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
