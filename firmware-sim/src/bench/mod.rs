@@ -775,6 +775,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     let mut all_loaded: Vec<Outcome> = Vec::new();
     let mut next_target = 0usize;
     let mut committed_before = 0u64;
+    let mut lost_before = 0u64;
     let mut published_before = 0u64;
     let mut first_window: Option<(CpuSample, CpuSample, Option<String>, Option<String>)> = None;
     let mut pub_in_windows = 0u64;
@@ -844,7 +845,15 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         let drain_started = Instant::now();
         load.wait_acked(Duration::from_secs(30)).await;
         let published = load.counters.published();
-        let committed = wait_committed(service, published, DRAIN_QUIET, cfg.drain_timeout).await;
+        // Heartbeats earlier steps lost will not come: waiting for them would only make every
+        // step after a lossy one wait out the quiet period.
+        let committed = wait_committed(
+            service,
+            published.saturating_sub(lost_before),
+            DRAIN_QUIET,
+            cfg.drain_timeout,
+        )
+        .await;
         let drain_s = drain_started.elapsed().as_secs_f64();
         lag.wait_seen(window_end, Duration::from_secs(5)).await;
         let outcomes = sos::collect(&shots, gateway, cfg.sos_timeout).await;
@@ -889,7 +898,9 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             committed: step_committed,
             lost: step_published.saturating_sub(step_committed),
             rejects,
-            drained: committed >= published,
+            // This step's heartbeats, not the run's: after a lossy step the run's total never
+            // catches up, and no later step (a refinement, say) could count as drained.
+            drained: step_committed >= step_published,
             drain_s,
             lag: lag.summary(cpu0.at, window_end),
             sos: SosSummary::of(&outcomes),
@@ -913,6 +924,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         }
         committed_before = committed;
         published_before = published;
+        lost_before += step.lost;
         p.say(format!(
             "{step_name}done: offered {rate:.0}/s, committed {:.0}/s, lag p50/p99 {}/{} ms, \
              SOS p99 {} ms, silverguard CPU {}, lost {} (drained in {:.1}s)",
