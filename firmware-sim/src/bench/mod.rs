@@ -755,6 +755,8 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     let lag = lag::LagTracker::start(db::connect(db_url).await?, cfg.lag_poll, LAG_GIVE_UP);
     let mut rates = cfg.step_rates();
     let planned = rates.len();
+    // The ramp's steps actually run (it stops at saturation); refinements come after them.
+    let mut ramp_len = planned;
     let mut refined = 0usize;
     let load = Load::start(
         LoadSettings {
@@ -782,8 +784,8 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     let mut i = 0;
     while let Some(&rate) = rates.get(i) {
         load.set_rate(rate);
-        let step_name = if i >= planned {
-            format!("refine {}/{} ", i + 1 - planned, cfg.refine_steps())
+        let step_name = if i >= ramp_len {
+            format!("refine {}/{} ", i + 1 - ramp_len, cfg.refine_steps())
         } else if planned > 1 {
             format!("step {}/{planned} ", i + 1)
         } else {
@@ -949,6 +951,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
                  measure its backlog, so the ramp stops here"
             ));
             rates.truncate(i + 1);
+            ramp_len = i + 1;
         }
         i += 1;
         if i == rates.len() && refined < cfg.refine_steps() {
