@@ -661,20 +661,14 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
         send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
             .await
             .unwrap();
-        wait_until(
+        wait_until_one(
+            &c,
             "the report in device_current, 1.5 s old",
             Duration::from_secs(10),
-            || async {
-                c.query_one(
-                    "SELECT count(*) FROM device_current
+            "SELECT count(*) FROM device_current
                   WHERE device_id = $1 AND last_hb_seq = $2 AND heart_rate_bpm = $3
                     AND last_seen_at <= now() - interval '1500 milliseconds'",
-                    &[&h.device, &(seq as i64), &(70 + seq as i16)],
-                )
-                .await
-                .map(|r| r.get::<_, i64>(0) == 1)
-                .unwrap_or(false)
-            },
+            &[&h.device, &(seq as i64), &(70 + seq as i16)],
         )
         .await;
     }
@@ -700,15 +694,13 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
         "the row's deadline {row_deadline} should have stayed behind the exact one {exact}"
     );
     // Deadline: last seen + 2 s x 3.
-    wait_until("device_silent alert", Duration::from_secs(30), || async {
-        c.query_one(
-            "SELECT count(*) FROM alerts WHERE kind = 'device_silent'",
-            &[],
-        )
-        .await
-        .map(|r| r.get::<_, i64>(0) == 1)
-        .unwrap_or(false)
-    })
+    wait_until_one(
+        &c,
+        "device_silent alert",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM alerts WHERE kind = 'device_silent'",
+        &[],
+    )
     .await;
     let late: f64 = c
         .query_one(
@@ -746,23 +738,14 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
     send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
         .await
         .unwrap();
-    wait_until("auto-resolved", Duration::from_secs(10), || async {
-        c.query_one("SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND status = 'resolved' AND auto_resolved", &[]).await.map(|r| r.get::<_, i64>(0) == 1).unwrap_or(false)
-    })
-    .await;
+    wait_until_one(&c, "auto-resolved", Duration::from_secs(10), "SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND status = 'resolved' AND auto_resolved", &[]).await;
     // Re-armed: quiet again, it is silent again.
-    wait_until(
+    wait_until_one(
+        &c,
         "a second device_silent alert",
         Duration::from_secs(30),
-        || async {
-            c.query_one(
-                "SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND status <> 'resolved'",
-                &[],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) == 1)
-            .unwrap_or(false)
-        },
+        "SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND status <> 'resolved'",
+        &[],
     )
     .await;
     app.stop().await;
@@ -790,16 +773,14 @@ async fn a_shorter_heartbeat_interval_brings_the_silence_alert_forward() {
     send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
         .await
         .unwrap();
-    wait_until("the device's row", Duration::from_secs(10), || async {
-        c.query_one(
-            "SELECT count(*) FROM device_latest WHERE device_id = $1
+    wait_until_one(
+        &c,
+        "the device's row",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM device_latest WHERE device_id = $1
                AND silence_check_at > now() + interval '1 minute'",
-            &[&h.device],
-        )
-        .await
-        .map(|r| r.get::<_, i64>(0) == 1)
-        .unwrap_or(false)
-    })
+        &[&h.device],
+    )
     .await;
     // Now 2 s x 3 = 6 s: the alert must not wait for the old deadline.
     c.execute(
@@ -808,18 +789,12 @@ async fn a_shorter_heartbeat_interval_brings_the_silence_alert_forward() {
     )
     .await
     .unwrap();
-    wait_until(
+    wait_until_one(
+        &c,
         "device_silent long before the old deadline",
         Duration::from_secs(30),
-        || async {
-            c.query_one(
-                "SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND device_id = $1",
-                &[&h.device],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) == 1)
-            .unwrap_or(false)
-        },
+        "SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND device_id = $1",
+        &[&h.device],
     )
     .await;
     assert_eq!(
@@ -858,15 +833,13 @@ async fn a_device_reporting_steadily_is_never_silent_though_its_row_is_not_rewri
             .await
             .unwrap();
         if first_deadline.is_none() {
-            wait_until("the device's row", Duration::from_secs(10), || async {
-                c.query_one(
-                    "SELECT count(*) FROM device_latest WHERE device_id = $1",
-                    &[&h.device],
-                )
-                .await
-                .map(|r| r.get::<_, i64>(0) == 1)
-                .unwrap_or(false)
-            })
+            wait_until_one(
+                &c,
+                "the device's row",
+                Duration::from_secs(10),
+                "SELECT count(*) FROM device_latest WHERE device_id = $1",
+                &[&h.device],
+            )
             .await;
             let d: chrono::DateTime<chrono::Utc> = c
                 .query_one(
@@ -879,18 +852,12 @@ async fn a_device_reporting_steadily_is_never_silent_though_its_row_is_not_rewri
             first_deadline = Some(d);
         }
     }
-    wait_until(
+    wait_until_one(
+        &c,
         "the last report stored",
         Duration::from_secs(10),
-        || async {
-            c.query_one(
-                "SELECT count(*) FROM device_current WHERE device_id = $1 AND last_hb_seq = 13",
-                &[&h.device],
-            )
-            .await
-            .map(|r| r.get::<_, i64>(0) == 1)
-            .unwrap_or(false)
-        },
+        "SELECT count(*) FROM device_current WHERE device_id = $1 AND last_hb_seq = 13",
+        &[&h.device],
     )
     .await;
     let (deadline, row_seq, alerted): (chrono::DateTime<chrono::Utc>, i64, bool) = c
@@ -1030,15 +997,13 @@ async fn sustained_tachycardia_raises_an_alert_that_clears_itself() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(800)).await; // heartbeats arrive over time
     }
-    wait_until("hr_high alert", Duration::from_secs(10), || async {
-        c.query_one(
-            "SELECT count(*) FROM alerts WHERE kind = 'hr_high' AND status = 'open'",
-            &[],
-        )
-        .await
-        .map(|r| r.get::<_, i64>(0) == 1)
-        .unwrap_or(false)
-    })
+    wait_until_one(
+        &c,
+        "hr_high alert",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM alerts WHERE kind = 'hr_high' AND status = 'open'",
+        &[],
+    )
     .await;
     wait_until("grid worker told", Duration::from_secs(5), || async {
         !sms.matching(&h.grid_phone).is_empty()
@@ -1047,10 +1012,7 @@ async fn sustained_tachycardia_raises_an_alert_that_clears_itself() {
     send_one(&url, &h.device, &beat(5, 80), 1, Duration::from_secs(5))
         .await
         .unwrap();
-    wait_until("auto-resolved", Duration::from_secs(10), || async {
-        c.query_one("SELECT count(*) FROM alerts WHERE kind = 'hr_high' AND status = 'resolved' AND auto_resolved", &[]).await.map(|r| r.get::<_, i64>(0) == 1).unwrap_or(false)
-    })
-    .await;
+    wait_until_one(&c, "auto-resolved", Duration::from_secs(10), "SELECT count(*) FROM alerts WHERE kind = 'hr_high' AND status = 'resolved' AND auto_resolved", &[]).await;
     app.stop().await;
 }
 

@@ -345,6 +345,24 @@ where
     }
 }
 
+/// Polls the count query `sql` until it counts exactly one (or panics with `what` after
+/// `deadline`): a row written, an alert raised, once.
+pub async fn wait_until_one(
+    c: &tokio_postgres::Client,
+    what: &str,
+    deadline: Duration,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) {
+    wait_until(what, deadline, || async {
+        c.query_one(sql, params)
+            .await
+            .map(|r| r.get::<_, i64>(0) == 1)
+            .unwrap_or(false)
+    })
+    .await;
+}
+
 /// Waits until a count query reaches `expected`, then checks it stays there (no late
 /// duplicates) for a short while; returns the final count.
 pub async fn wait_for_count(db: &TestDb, sql: &str, expected: i64, deadline: Duration) -> i64 {
