@@ -591,6 +591,19 @@ async fn two_processes_send_every_notification_once() {
     b.stop().await;
 }
 
+/// Sends one heartbeat from `device`, worn and measured now, with the other fields of `hb`.
+async fn send_worn_heartbeat_now(broker_url: &str, device: &str, hb: pb::Heartbeat) {
+    let hb = OneShot::Heartbeat(pb::Heartbeat {
+        measured_at_ms: chrono::Utc::now().timestamp_millis(),
+        worn: true,
+        device_id: device.to_string(),
+        ..hb
+    });
+    send_one(broker_url, device, &hb, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
 /// A running service with silence factor 3 and one household whose bracelet reports every
 /// `interval_s` seconds (threshold `3 × interval_s`), for the silence tests.
 struct SilenceRig {
@@ -649,18 +662,17 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
     // `device_current`. An alert at the row's deadline would come that much early: the
     // sweeper must find the second report in `heartbeats` and move the deadline instead.
     for seq in 1..=2u64 {
-        let hb = OneShot::Heartbeat(pb::Heartbeat {
-            seq,
-            measured_at_ms: chrono::Utc::now().timestamp_millis(),
-            heart_rate_bpm: 70 + seq as u32,
-            worn: true,
-            battery_pct: 80,
-            device_id: h.device.clone(),
-            ..Default::default()
-        });
-        send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
-            .await
-            .unwrap();
+        send_worn_heartbeat_now(
+            &broker.url(),
+            &h.device,
+            pb::Heartbeat {
+                seq,
+                heart_rate_bpm: 70 + seq as u32,
+                battery_pct: 80,
+                ..Default::default()
+            },
+        )
+        .await;
         wait_until_one(
             &c,
             "the report in device_current, 1.5 s old",
@@ -728,16 +740,15 @@ async fn a_silent_device_raises_its_alert_within_ten_seconds_of_the_deadline() {
     assert_eq!(snapshot, (2, 72));
     // Data again, within the row's refresh period (ingest does not rewrite it): the sweeper
     // finds the heartbeat, re-arms the device and the alert resolves itself.
-    let hb = OneShot::Heartbeat(pb::Heartbeat {
-        seq: 4,
-        measured_at_ms: chrono::Utc::now().timestamp_millis(),
-        worn: true,
-        device_id: h.device.clone(),
-        ..Default::default()
-    });
-    send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
-        .await
-        .unwrap();
+    send_worn_heartbeat_now(
+        &broker.url(),
+        &h.device,
+        pb::Heartbeat {
+            seq: 4,
+            ..Default::default()
+        },
+    )
+    .await;
     wait_until_one(&c, "auto-resolved", Duration::from_secs(10), "SELECT count(*) FROM alerts WHERE kind = 'device_silent' AND status = 'resolved' AND auto_resolved", &[]).await;
     // Re-armed: quiet again, it is silent again.
     wait_until_one(
@@ -763,16 +774,15 @@ async fn a_shorter_heartbeat_interval_brings_the_silence_alert_forward() {
         h,
         c,
     } = SilenceRig::start("shorter", 60).await;
-    let hb = OneShot::Heartbeat(pb::Heartbeat {
-        seq: 1,
-        measured_at_ms: chrono::Utc::now().timestamp_millis(),
-        worn: true,
-        device_id: h.device.clone(),
-        ..Default::default()
-    });
-    send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
-        .await
-        .unwrap();
+    send_worn_heartbeat_now(
+        &broker.url(),
+        &h.device,
+        pb::Heartbeat {
+            seq: 1,
+            ..Default::default()
+        },
+    )
+    .await;
     wait_until_one(
         &c,
         "the device's row",
@@ -821,17 +831,16 @@ async fn a_device_reporting_steadily_is_never_silent_though_its_row_is_not_rewri
     let mut first_deadline = None;
     for seq in 1..=13u64 {
         pace.tick().await;
-        let hb = OneShot::Heartbeat(pb::Heartbeat {
-            seq,
-            measured_at_ms: chrono::Utc::now().timestamp_millis(),
-            heart_rate_bpm: 70,
-            worn: true,
-            device_id: h.device.clone(),
-            ..Default::default()
-        });
-        send_one(&broker.url(), &h.device, &hb, 1, Duration::from_secs(5))
-            .await
-            .unwrap();
+        send_worn_heartbeat_now(
+            &broker.url(),
+            &h.device,
+            pb::Heartbeat {
+                seq,
+                heart_rate_bpm: 70,
+                ..Default::default()
+            },
+        )
+        .await;
         if first_deadline.is_none() {
             wait_until_one(
                 &c,
