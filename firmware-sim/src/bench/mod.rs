@@ -945,7 +945,8 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             first_window = Some((cpu0, cpu1, m0, m1));
         }
         report.steps.push(step);
-        if saturated && i + 1 < planned {
+        // Only a ramp step stops the ramp; a saturated refinement is just a bound.
+        if saturated && i + 1 < ramp_len {
             p.say(format!(
                 "{step_name}the service did not keep up; the remaining steps would only \
                  measure its backlog, so the ramp stops here"
