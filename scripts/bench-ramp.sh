@@ -8,7 +8,10 @@
 #   scripts/bench-ramp.sh --devices 200000 --connections 32
 #   scripts/bench-ramp.sh --steps 5000,10000 --duration 10s # anything `bracelet-sim bench` takes
 # Environment: BENCH_BROKER_PORT (18840), BENCH_JSON (target/bench/ramp.json),
-#   BENCH_PNG (target/bench/ramp.png; pass docs/performance-ramp.png to update the docs).
+#   BENCH_PNG (target/bench/ramp.png; pass docs/performance-ramp.png to update the docs),
+#   BENCH_PG: "dedicated" (default) runs PostgreSQL cluster "silverguard-bench" on
+#   BENCH_PG_PORT (5442) with deploy/postgresql-silverguard.conf, the settings
+#   docs/deployment.md recommends; "host" uses the machine's own server as it is configured.
 # Exit status: 0 pass, 2 an SOS or a heartbeat was lost, 1 the bench could not run.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -19,7 +22,11 @@ JSON=${BENCH_JSON:-target/bench/ramp.json}
 PNG=${BENCH_PNG:-target/bench/ramp.png}
 
 ensure_rust
-ensure_postgres
+case "${BENCH_PG:-dedicated}" in
+  dedicated) ensure_bench_postgres "${BENCH_PG_PORT:-5442}" ;;
+  host) ensure_postgres ;;
+  *) die "BENCH_PG must be dedicated or host, not ${BENCH_PG}" ;;
+esac
 ensure_broker "$PORT"
 command -v python3 >/dev/null || apt_install python3
 python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip

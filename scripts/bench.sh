@@ -9,7 +9,10 @@
 #   scripts/bench.sh --smoke              # ~20 s, asserts zero loss (CI)
 #   scripts/bench.sh --rate 8000 --duration 2m
 #   scripts/bench.sh --rate 10000 --devices 100000 --connections 16 --duration 5m   # soak
-# Environment: BENCH_BROKER_PORT (18840), BENCH_JSON (target/bench/sos-latency.json).
+# Environment: BENCH_BROKER_PORT (18840), BENCH_JSON (target/bench/sos-latency.json),
+#   BENCH_PG: "dedicated" (default) runs PostgreSQL cluster "silverguard-bench" on
+#   BENCH_PG_PORT (5442) with deploy/postgresql-silverguard.conf, the settings
+#   docs/deployment.md recommends; "host" uses the machine's own server as it is configured.
 # Exit status: 0 pass, 2 an SOS or a heartbeat was lost, 1 the bench could not run.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -19,7 +22,7 @@ PORT=${BENCH_BROKER_PORT:-18840}
 JSON=${BENCH_JSON:-target/bench/sos-latency.json}
 
 ensure_rust
-ensure_postgres
+ensure_bench_server dedicated
 ensure_broker "$PORT"
 
 log "cargo build --release -p firmware-sim -p silverguard"

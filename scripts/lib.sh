@@ -67,6 +67,65 @@ ensure_postgres() {
   fi
 }
 
+# A PostgreSQL cluster of its own for the benchmark, on port $1, configured from
+# deploy/postgresql-silverguard.conf (what docs/deployment.md recommends for a city's rate),
+# so a bench measures the deployment we document and not whatever the host's server has
+# (this repository's CI machine runs with autovacuum off, for one). Debian's
+# postgresql-common: created once as cluster "silverguard-bench" of the newest installed
+# version, its settings refreshed and the cluster restarted when the file changed.
+# Exports SILVERGUARD_PG_BASE for it.
+ensure_bench_postgres() {
+  local port=$1 name=silverguard-bench ver conf
+  command -v pg_createcluster >/dev/null || apt_install postgresql
+  ver=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)
+  [ -n "$ver" ] || { apt_install postgresql; ver=$(ls /etc/postgresql | sort -V | tail -n1); }
+  if [ ! -d "/etc/postgresql/$ver/$name" ]; then
+    log "creating PostgreSQL cluster $ver/$name on 127.0.0.1:$port"
+    $SUDO pg_createcluster -p "$port" "$ver" "$name" -- --auth=trust >/dev/null
+  fi
+  conf=$(mktemp)
+  printf "listen_addresses = '127.0.0.1'\nport = %s\n" "$port" > "$conf"
+  if [ "${ver%%.*}" -ge 15 ]; then
+    cat "$ROOT/deploy/postgresql-silverguard.conf" >> "$conf"
+  else
+    sed 's/^wal_compression = lz4/wal_compression = on/' "$ROOT/deploy/postgresql-silverguard.conf" >> "$conf"
+  fi
+  local target="/etc/postgresql/$ver/$name/conf.d/silverguard.conf"
+  local restart=""
+  if ! cmp -s "$conf" "$target" 2>/dev/null; then
+    $SUDO mkdir -p "$(dirname "$target")"
+    $SUDO cp "$conf" "$target"
+    $SUDO chmod 644 "$target"
+    restart=1
+  fi
+  rm -f "$conf"
+  if ! pg_isready -q -h 127.0.0.1 -p "$port" 2>/dev/null; then
+    log "starting PostgreSQL cluster $ver/$name"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start 2>/dev/null \
+      || $SUDO pg_ctlcluster "$ver" "$name" start
+  elif [ -n "$restart" ]; then
+    log "restarting PostgreSQL cluster $ver/$name (settings changed)"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" restart 2>/dev/null \
+      || $SUDO pg_ctlcluster "$ver" "$name" restart
+  fi
+  for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p "$port" && break; sleep 0.5; done
+  pg_isready -q -h 127.0.0.1 -p "$port" || die "PostgreSQL cluster $ver/$name did not start on port $port"
+  export SILVERGUARD_PG_BASE="postgres://postgres@127.0.0.1:$port"
+  psql "$SILVERGUARD_PG_BASE/postgres" -qtAc 'SELECT 1' >/dev/null \
+    || die "cannot log in to PostgreSQL cluster $ver/$name as postgres (trust auth expected)"
+}
+
+# The PostgreSQL server a benchmark runs against, by BENCH_PG (default $1): "dedicated", the
+# cluster of ensure_bench_postgres on BENCH_PG_PORT (5442); "host", the machine's own server as
+# it is configured (ensure_postgres). Exports SILVERGUARD_PG_BASE.
+ensure_bench_server() {
+  case "${BENCH_PG:-$1}" in
+    dedicated) ensure_bench_postgres "${BENCH_PG_PORT:-5442}" ;;
+    host) ensure_postgres ;;
+    *) die "BENCH_PG must be dedicated or host, not ${BENCH_PG:-$1}" ;;
+  esac
+}
+
 # Starts a Mosquitto broker from deploy/mosquitto.conf on port $1 (not the stock broker: its
 # settings lose QoS 1 messages for a subscriber that falls behind). Persistence in .run/.
 ensure_broker() {
