@@ -2,7 +2,7 @@
 //! dropped at the end. The bench reads it only to count what the service committed and to
 //! split each SOS's latency into stages; everything else goes through `silverguard` itself.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 
@@ -86,6 +86,36 @@ impl Server {
             .await
             .ok()?;
         row.try_get(0).ok()
+    }
+
+    /// The server settings that decide a write-heavy run's cost (docs/deployment.md,
+    /// "PostgreSQL settings for a city's rate"), as `SHOW` prints them: a figure is only
+    /// comparable with another taken under the same ones.
+    pub async fn write_settings(&self) -> BTreeMap<String, String> {
+        const NAMES: &[&str] = &[
+            "autovacuum",
+            "checkpoint_timeout",
+            "fsync",
+            "max_wal_size",
+            "shared_buffers",
+            "synchronous_commit",
+            "wal_compression",
+        ];
+        let names: Vec<String> = NAMES.iter().map(|n| n.to_string()).collect();
+        match self
+            .admin
+            .query(
+                "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY($1)",
+                &[&names],
+            )
+            .await
+        {
+            Ok(rows) => rows
+                .iter()
+                .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        }
     }
 
     /// Creates `name`; fails if it exists (a bench never reuses a database).
@@ -185,6 +215,29 @@ impl BenchDb {
             .await
             .map_err(db_err("counting heartbeats"))?;
         let n: i64 = row.try_get(0).map_err(db_err("counting heartbeats"))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Load devices (`bench-hb-…`) whose silence is not settled: a silence deadline passed
+    /// more than `slack` ago that the service has not looked at yet (it would raise an alert
+    /// or move the deadline), or a silence alert not yet resolved. Both use indexes of
+    /// `device_latest` and `alerts`.
+    pub async fn load_devices_unsettled(&self, slack: Duration) -> Result<u64, BenchError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT count(*) FROM device_latest \
+                         WHERE NOT silence_alerted AND silence_check_at < now() - $1::float8 * interval '1 second' \
+                           AND device_id LIKE 'bench-hb-%') \
+                      + (SELECT count(*) FROM alerts WHERE kind = 'device_silent' \
+                         AND status <> 'resolved' AND subject LIKE 'bench-hb-%')",
+                &[&slack.as_secs_f64()],
+            )
+            .await
+            .map_err(db_err("counting unsettled devices"))?;
+        let n: i64 = row
+            .try_get(0)
+            .map_err(db_err("counting unsettled devices"))?;
         Ok(n.max(0) as u64)
     }
 

@@ -480,6 +480,7 @@ async fn run_in(
     report.started_unix_ms = started_unix_ms;
     report.elapsed_s = started.elapsed().as_secs_f64();
     report.machine.postgres_version = server.version().await;
+    report.machine.postgres_settings = server.write_settings().await;
     report.settings.database = name.to_string();
     report.settings.kept_database = cfg.keep_db;
     report.usage.service_log = logs;
@@ -776,9 +777,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     let pct = |a: Option<u64>, b: Option<u64>, w: Duration| stats::cpu_percent_of(a, b, ticks, w);
     let mut all_loaded: Vec<Outcome> = Vec::new();
     let mut next_target = 0usize;
-    let mut committed_before = 0u64;
-    let mut lost_before = 0u64;
-    let mut published_before = 0u64;
+    let mut accounts = StepAccounts::default();
     let mut first_window: Option<(CpuSample, CpuSample, Option<String>, Option<String>)> = None;
     let mut pub_in_windows = 0u64;
     let mut i = 0;
@@ -796,6 +795,16 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             cfg.connections,
             cfg.warmup.as_secs_f64()
         ));
+        if report.steps.last().is_some_and(|s| s.lost > 0) {
+            let best = report
+                .steps
+                .iter()
+                .filter(|s| s.is_sustained())
+                .map(|s| s.offered_per_s)
+                .fold(0.0, f64::max);
+            settle(&load, &bench_db, cfg.devices, settle_rate(best, rate), p).await;
+            load.set_rate(rate);
+        }
         let step_started = Instant::now();
         watch(
             &load,
@@ -851,7 +860,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         // step after a lossy one wait out the quiet period.
         let committed = wait_committed(
             service,
-            published.saturating_sub(lost_before),
+            published.saturating_sub(accounts.lost_before),
             DRAIN_QUIET,
             cfg.drain_timeout,
         )
@@ -888,8 +897,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             (Some(a), Some(b)) => db::WalPosition::per_row(a, b, committed_in_window),
             _ => None,
         };
-        let step_published = published - published_before;
-        let step_committed = committed.saturating_sub(committed_before);
+        let (step_published, step_committed) = accounts.close_step(published, committed);
         let step = report::Step {
             offered_per_s: rate,
             window_s: secs,
@@ -924,9 +932,6 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         if step.lost > 0 {
             lag.give_up_before(window_end);
         }
-        committed_before = committed;
-        published_before = published;
-        lost_before += step.lost;
         p.say(format!(
             "{step_name}done: offered {rate:.0}/s, committed {:.0}/s, lag p50/p99 {}/{} ms, \
              SOS p99 {} ms, silverguard CPU {}, lost {} (drained in {:.1}s)",
@@ -1117,6 +1122,89 @@ async fn wait_committed(
             return last;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long [`settle`] waits at most.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+
+/// The rate [`settle`] runs the fleet at: half the highest sustained rate so far (a quarter of
+/// the next step's when none was), enough for every device to report within a few seconds.
+fn settle_rate(best_sustained: f64, next: f64) -> f64 {
+    if best_sustained > 0.0 {
+        best_sustained / 2.0
+    } else {
+        next / 4.0
+    }
+}
+
+/// A passed silence deadline counts as not yet looked at only after this long: the sweeper
+/// runs every second, and a deadline is only a lower bound until it does.
+const SETTLE_SLACK: Duration = Duration::from_secs(5);
+
+/// After a lossy step, runs the fleet at `rate` until the service's silence detection has
+/// settled: no load device with a passed deadline it has not looked at, none with a silence
+/// alert open. Provisioned at the interval they report at, the load devices go silent after
+/// 15 intervals (15 s in a ramp to 60,000/s), and a lossy step's drain stops the fleet for
+/// longer than that (`DRAIN_QUIET`): every device goes silent, and the service raises and then
+/// resolves an alert for each. In a run that overshot, 12,363 of them were raised and resolved
+/// in the steps after it, which made those steps pay for the bench's own pause. The next step
+/// is measured from the same steady state as the first ones. It runs at least until every
+/// device has reported once and the sweeper has had `SETTLE_SLACK` to look at the deadlines
+/// that passed meanwhile: before that, the deadlines the pause will pass have not passed.
+async fn settle(load: &Load, db: &db::BenchDb, devices: usize, rate: f64, p: &Progress) {
+    let started = Instant::now();
+    load.set_rate(rate);
+    let every_device_reported = Duration::from_secs_f64(devices as f64 / rate.max(1.0));
+    tokio::time::sleep(every_device_reported + SETTLE_SLACK).await;
+    let mut unsettled = None;
+    let mut peak = 0;
+    while started.elapsed() < SETTLE_LIMIT {
+        match db.load_devices_unsettled(SETTLE_SLACK).await {
+            Ok(n) => {
+                peak = peak.max(n);
+                unsettled = Some(n);
+                if n == 0 {
+                    break;
+                }
+            }
+            Err(e) => {
+                p.say(format!("settling stopped: {e}"));
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    p.say(format!(
+        "settled at {rate:.0}/s in {:.1}s: up to {peak} load devices silent or overdue after the \
+         loss and the pause, {} left",
+        started.elapsed().as_secs_f64(),
+        unsettled.map_or("?".into(), |n| n.to_string())
+    ));
+}
+
+/// The run's heartbeat counts at the end of each step's drain, to split them by step.
+#[derive(Debug, Default)]
+struct StepAccounts {
+    published_before: u64,
+    committed_before: u64,
+    /// Heartbeats earlier steps lost: they will not come, so a drain does not wait for them.
+    lost_before: u64,
+}
+
+impl StepAccounts {
+    /// This step's published and committed heartbeats, from the run's totals after its drain.
+    /// A publisher may send a few more after the published count was read (the rate drops to
+    /// zero at its next tick); they count in the next step's published, so the commits beyond
+    /// this step's published count belong to the next step too. Charged here instead, they
+    /// made the next step short by as many and called it lossy.
+    fn close_step(&mut self, published: u64, committed: u64) -> (u64, u64) {
+        let step_published = published.saturating_sub(self.published_before);
+        let step_committed = committed.saturating_sub(self.committed_before);
+        self.lost_before += step_published.saturating_sub(step_committed);
+        self.published_before = published;
+        self.committed_before = committed.min(published).max(self.committed_before);
+        (step_published, step_committed)
     }
 }
 
@@ -1367,6 +1455,27 @@ mod tests {
         assert!(!step(50_000.0, 45_000.0, 99_632, 650.0).is_sustained());
         assert!(!step(48_000.0, 55_933.0, 0, 5_886.0).is_sustained());
         assert!(!step(48_000.0, 46_000.0, 0, 150.0).is_sustained());
+    }
+
+    #[test]
+    fn settling_runs_at_half_the_best_sustained_rate() {
+        assert_eq!(settle_rate(40_000.0, 45_000.0), 20_000.0);
+        assert_eq!(settle_rate(0.0, 40_000.0), 10_000.0);
+    }
+
+    #[test]
+    fn late_publishes_count_in_the_next_step_and_losses_stay_lost() {
+        let mut a = StepAccounts::default();
+        // Two heartbeats went out after the published count was read, and were committed.
+        assert_eq!(a.close_step(1_000, 1_002), (1_000, 1_002));
+        // They are in this step's published count, so its commits cover it exactly.
+        assert_eq!(a.close_step(2_000, 2_000), (1_000, 1_000));
+        assert_eq!(a.lost_before, 0);
+        // A lossy step: 30 never come, and the next step's drain does not wait for them.
+        assert_eq!(a.close_step(3_000, 2_970), (1_000, 970));
+        assert_eq!(a.lost_before, 30);
+        assert_eq!(a.close_step(4_000, 3_970), (1_000, 1_000));
+        assert_eq!(a.lost_before, 30);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Machine {
     pub mem_total_mib: Option<u64>,
     pub kernel: Option<String>,
     pub postgres_version: Option<String>,
+    /// The server's WAL, checkpoint and memory settings ([`super::db::Server::write_settings`]).
+    pub postgres_settings: std::collections::BTreeMap<String, String>,
     pub broker_version: Option<String>,
     /// `$SYS/broker/store/messages/count` when the bench started.
     pub broker_stored_messages_at_start: Option<u64>,
@@ -496,6 +498,14 @@ impl BenchReport {
             m.postgres_version.as_deref().unwrap_or("?"),
             m.broker_version.as_deref().unwrap_or("?")
         );
+        if !m.postgres_settings.is_empty() {
+            let settings: Vec<String> = m
+                .postgres_settings
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(o, "PostgreSQL settings: {}", settings.join(" "));
+        }
         if let Some(n) = m
             .broker_stored_messages_at_start
             .filter(|n| *n > super::sos::STORED_MESSAGES_WARNING)
