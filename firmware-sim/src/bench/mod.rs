@@ -782,6 +782,15 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     let mut pub_in_windows = 0u64;
     let mut i = 0;
     while let Some(&rate) = rates.get(i) {
+        if report.steps.last().is_some_and(|s| s.lost > 0) {
+            let best = report
+                .steps
+                .iter()
+                .filter(|s| s.is_sustained())
+                .map(|s| s.offered_per_s)
+                .fold(0.0, f64::max);
+            settle(&load, &bench_db, cfg.devices, settle_rate(best, rate), p).await;
+        }
         load.set_rate(rate);
         let step_name = if i >= ramp_len {
             format!("refine {}/{} ", i + 1 - ramp_len, cfg.refine_steps())
@@ -795,16 +804,6 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             cfg.connections,
             cfg.warmup.as_secs_f64()
         ));
-        if report.steps.last().is_some_and(|s| s.lost > 0) {
-            let best = report
-                .steps
-                .iter()
-                .filter(|s| s.is_sustained())
-                .map(|s| s.offered_per_s)
-                .fold(0.0, f64::max);
-            settle(&load, &bench_db, cfg.devices, settle_rate(best, rate), p).await;
-            load.set_rate(rate);
-        }
         let step_started = Instant::now();
         watch(
             &load,
