@@ -22,11 +22,7 @@ JSON=${BENCH_JSON:-target/bench/ramp.json}
 PNG=${BENCH_PNG:-target/bench/ramp.png}
 
 ensure_rust
-case "${BENCH_PG:-dedicated}" in
-  dedicated) ensure_bench_postgres "${BENCH_PG_PORT:-5442}" ;;
-  host) ensure_postgres ;;
-  *) die "BENCH_PG must be dedicated or host, not ${BENCH_PG}" ;;
-esac
+ensure_bench_server dedicated
 ensure_broker "$PORT"
 command -v python3 >/dev/null || apt_install python3
 python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip

@@ -782,15 +782,17 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     let mut pub_in_windows = 0u64;
     let mut i = 0;
     while let Some(&rate) = rates.get(i) {
-        if report.steps.last().is_some_and(|s| s.lost > 0) {
-            let best = report
-                .steps
-                .iter()
-                .filter(|s| s.is_sustained())
-                .map(|s| s.offered_per_s)
-                .fold(0.0, f64::max);
-            settle(&load, &bench_db, cfg.devices, settle_rate(best, rate), p).await;
-        }
+        // After a lossy step: how long the fleet ran at the settling rate before this step.
+        let settle_s = if report.steps.last().is_some_and(|s| s.lost > 0) {
+            let rate = settle_rate(highest_sustained_rate(&report.steps), rate);
+            Some(
+                settle(&load, &bench_db, cfg.devices, rate, p)
+                    .await
+                    .as_secs_f64(),
+            )
+        } else {
+            None
+        };
         load.set_rate(rate);
         let step_name = if i >= ramp_len {
             format!("refine {}/{} ", i + 1 - ramp_len, cfg.refine_steps())
@@ -911,6 +913,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             // catches up, and no later step (a refinement, say) could count as drained.
             drained: step_committed >= step_published,
             drain_s,
+            settle_s,
             lag: lag.summary(cpu0.at, window_end),
             sos: SosSummary::of(&outcomes),
             service_cpu_percent: pct(cpu0.service, cpu1.service, window),
@@ -1151,7 +1154,14 @@ const SETTLE_SLACK: Duration = Duration::from_secs(5);
 /// is measured from the same steady state as the first ones. It runs at least until every
 /// device has reported once and the sweeper has had `SETTLE_SLACK` to look at the deadlines
 /// that passed meanwhile: before that, the deadlines the pause will pass have not passed.
-async fn settle(load: &Load, db: &db::BenchDb, devices: usize, rate: f64, p: &Progress) {
+/// Returns how long it ran.
+async fn settle(
+    load: &Load,
+    db: &db::BenchDb,
+    devices: usize,
+    rate: f64,
+    p: &Progress,
+) -> Duration {
     let started = Instant::now();
     load.set_rate(rate);
     let every_device_reported = Duration::from_secs_f64(devices as f64 / rate.max(1.0));
@@ -1169,7 +1179,7 @@ async fn settle(load: &Load, db: &db::BenchDb, devices: usize, rate: f64, p: &Pr
             }
             Err(e) => {
                 p.say(format!("settling stopped: {e}"));
-                return;
+                return started.elapsed();
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1180,6 +1190,7 @@ async fn settle(load: &Load, db: &db::BenchDb, devices: usize, rate: f64, p: &Pr
         started.elapsed().as_secs_f64(),
         unsettled.map_or("?".into(), |n| n.to_string())
     ));
+    started.elapsed()
 }
 
 /// The run's heartbeat counts at the end of each step's drain, to split them by step.
@@ -1349,11 +1360,7 @@ const LAG_GIVE_UP: Duration = Duration::from_secs(30);
 /// towards zero measures nothing useful), when every step was sustained, or when the gap is
 /// already within 2 % of the upper bound (about the run-to-run noise of this bench).
 pub fn next_refinement(steps: &[report::Step]) -> Option<(f64, f64, f64)> {
-    let lo = steps
-        .iter()
-        .filter(|s| s.is_sustained())
-        .map(|s| s.offered_per_s)
-        .fold(0.0, f64::max);
+    let lo = highest_sustained_rate(steps);
     let hi = steps
         .iter()
         .filter(|s| !s.is_sustained() && s.offered_per_s > lo)
@@ -1364,6 +1371,15 @@ pub fn next_refinement(steps: &[report::Step]) -> Option<(f64, f64, f64)> {
     }
     let mid = ((lo + hi) / 2.0 / 250.0).round() * 250.0;
     (mid > lo && mid < hi).then_some((mid, lo, hi))
+}
+
+/// The highest offered rate among the steps so far that were sustained (0 when none was).
+fn highest_sustained_rate(steps: &[report::Step]) -> f64 {
+    steps
+        .iter()
+        .filter(|s| s.is_sustained())
+        .map(|s| s.offered_per_s)
+        .fold(0.0, f64::max)
 }
 
 #[cfg(test)]

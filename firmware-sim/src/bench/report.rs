@@ -210,6 +210,9 @@ pub struct Step {
     /// Everything published was committed before the next step.
     pub drained: bool,
     pub drain_s: f64,
+    /// After a lossy step: how long the fleet ran at half the highest sustained rate, before
+    /// this step's warm-up, until the service's silence detection had settled (`settle`).
+    pub settle_s: Option<f64>,
     /// Publish → committed, of the markers published in the window.
     pub lag: LagSummary,
     /// SOS publish → SMS accepted, in the window.
