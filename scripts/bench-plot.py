@@ -71,12 +71,13 @@ def main():
             top.plot([cx], [cy], "x", color="tab:red", ms=10)
     b = r.get("baselines") or {}
     lines = [
-        ("broker", "received_per_s", "tab:green", "broker pass-through (bare subscriber)"),
+        ("broker", "limit_per_s", "tab:green", "broker pass-through (bare subscriber)"),
         ("copy", "rows_per_s", "tab:purple", "PostgreSQL psql \\copy"),
         ("naive", "committed_per_s", "tab:orange", "naive bridge (INSERT per message)"),
     ]
     for key, field, color, what in lines:
-        v = (b.get(key) or {}).get(field)
+        # Reports written before the broker's fixed-rate probes have only the flood's figure.
+        v = (b.get(key) or {}).get(field) or (b.get(key) or {}).get("received_per_s" if key == "broker" else field)
         if v:
             top.axhline(v / 1000, color=color, ls="--", label=f"{what}: {v / 1000:.1f}k/s")
     top.set_ylabel("heartbeats/s (thousands)")

@@ -89,6 +89,76 @@ pub struct BrokerBaseline {
     pub broker_cpu_percent: Option<f64>,
     /// The bench (publisher and bare subscriber) over the window, % of one core.
     pub bench_cpu_percent: Option<f64>,
+    /// Steps at fixed offered rates from the flood's figure up, each judged as the service's
+    /// steps are ([`BrokerProbe::sustained`]). A flooded broker can pass less than it keeps
+    /// up with at a matched rate (it did on a slow machine: 19,272/s flooded, while the
+    /// service's own steps went through it at 21,399/s), so the flood alone can understate
+    /// the limit and flatter the ratio.
+    pub probes: Vec<BrokerProbe>,
+    /// The highest offered rate a probe passed in full.
+    pub sustained_per_s: Option<f64>,
+    /// The limit the ratios use: the larger of the flood's `received_per_s` and
+    /// `sustained_per_s` (what the broker was seen to pass, either way).
+    pub limit_per_s: f64,
+}
+
+/// One fixed-rate step of the broker baseline.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BrokerProbe {
+    pub offered_per_s: f64,
+    pub published_per_s: f64,
+    pub received_per_s: f64,
+    /// Published in the whole probe and not received by the bare subscriber after its drain.
+    pub lost: u64,
+    pub broker_cpu_percent: Option<f64>,
+    /// Published and received ≥ 98 % of offered in the window, nothing lost: the test a
+    /// service step passes (its lag test aside: the bare subscriber keeps no backlog).
+    pub sustained: bool,
+}
+
+impl BrokerProbe {
+    pub fn of(b: &BrokerBaseline) -> BrokerProbe {
+        let offered = b.offered_per_s;
+        let lost = b.published.saturating_sub(b.received);
+        BrokerProbe {
+            offered_per_s: offered,
+            published_per_s: b.published_per_s,
+            received_per_s: b.received_per_s,
+            lost,
+            broker_cpu_percent: b.broker_cpu_percent,
+            sustained: b.published_per_s >= 0.98 * offered
+                && b.received_per_s >= 0.98 * offered
+                && lost == 0,
+        }
+    }
+}
+
+/// The next rate to probe the broker at, or `None` when the limit is bracketed within 2.5 %
+/// (or no probe rate is left to try). Up in steps of a tenth of the flood's figure while
+/// the probes hold, then halving the gap between the last that held and the first that did
+/// not, as the service's refinement does.
+pub fn next_broker_probe(flood_per_s: f64, probes: &[BrokerProbe]) -> Option<f64> {
+    const MAX_PROBES: usize = 8;
+    if flood_per_s <= 0.0 || probes.len() >= MAX_PROBES {
+        return None;
+    }
+    let held = probes
+        .iter()
+        .filter(|p| p.sustained)
+        .map(|p| p.offered_per_s)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+    let failed = probes
+        .iter()
+        .filter(|p| !p.sustained)
+        .map(|p| p.offered_per_s)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.min(r))));
+    match (held, failed) {
+        (None, None) => Some(flood_per_s),
+        // The broker does not hold even the rate it passed when flooded: the flood stands.
+        (None, Some(_)) => None,
+        (Some(lo), None) => Some(lo + 0.1 * flood_per_s),
+        (Some(lo), Some(hi)) => ((hi - lo) > 0.025 * lo).then_some((lo + hi) / 2.0),
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -276,6 +346,8 @@ pub async fn broker_passthrough(
         received: received.load(Ordering::Relaxed),
         broker_cpu_percent: pct(cpu0.0, cpu1.0),
         bench_cpu_percent: pct(cpu0.1, cpu1.1),
+        limit_per_s: (r1 - r0) as f64 / secs,
+        ..BrokerBaseline::default()
     })
 }
 
@@ -597,6 +669,66 @@ pub async fn copy_rate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_probes_climb_from_the_flood_and_bracket_the_limit() {
+        use super::{next_broker_probe, BrokerProbe};
+        let probe = |offered: f64, sustained: bool| BrokerProbe {
+            offered_per_s: offered,
+            sustained,
+            ..BrokerProbe::default()
+        };
+        assert_eq!(next_broker_probe(20_000.0, &[]), Some(20_000.0));
+        assert_eq!(next_broker_probe(20_000.0, &[probe(20_000.0, false)]), None);
+        assert_eq!(
+            next_broker_probe(20_000.0, &[probe(20_000.0, true)]),
+            Some(22_000.0)
+        );
+        let climbed = [
+            probe(20_000.0, true),
+            probe(22_000.0, true),
+            probe(24_000.0, false),
+        ];
+        assert_eq!(next_broker_probe(20_000.0, &climbed), Some(23_000.0));
+        let bracketed = [
+            probe(20_000.0, true),
+            probe(22_000.0, true),
+            probe(24_000.0, false),
+            probe(23_000.0, false),
+            probe(22_500.0, true),
+        ];
+        assert_eq!(next_broker_probe(20_000.0, &bracketed), None);
+        let endless: Vec<BrokerProbe> = (0..8).map(|i| probe(20_000.0 + i as f64, true)).collect();
+        assert_eq!(next_broker_probe(20_000.0, &endless), None);
+    }
+
+    #[test]
+    fn a_broker_probe_holds_only_when_everything_offered_passed() {
+        use super::{BrokerBaseline, BrokerProbe};
+        let b = |published_per_s: f64, received_per_s: f64, published: u64, received: u64| {
+            BrokerProbe::of(&BrokerBaseline {
+                offered_per_s: 20_000.0,
+                published_per_s,
+                received_per_s,
+                published,
+                received,
+                ..BrokerBaseline::default()
+            })
+        };
+        assert!(b(19_900.0, 19_880.0, 240_000, 240_000).sustained);
+        assert!(
+            !b(19_000.0, 19_000.0, 228_000, 228_000).sustained,
+            "the publisher fell behind"
+        );
+        assert!(
+            !b(19_900.0, 18_000.0, 240_000, 240_000).sustained,
+            "a backlog in the window"
+        );
+        assert!(
+            !b(19_900.0, 19_880.0, 240_000, 239_990).sustained,
+            "ten lost"
+        );
+    }
 
     #[test]
     fn which_parses() {

@@ -488,6 +488,60 @@ async fn run_in(
     Ok(report)
 }
 
+/// The broker at fixed offered rates from its flood figure up, until the limit is bracketed
+/// ([`baselines::next_broker_probe`]); sets the baseline's `sustained_per_s` and `limit_per_s`.
+async fn broker_probes(
+    broker: &BrokerAddr,
+    flood: &baselines::Offer,
+    tag: &str,
+    b: &mut baselines::BrokerBaseline,
+    p: &Progress,
+) {
+    while let Some(rate) = baselines::next_broker_probe(b.received_per_s, &b.probes) {
+        let n = b.probes.len() + 1;
+        let offer = baselines::Offer {
+            rate,
+            ..flood.clone()
+        };
+        match baselines::broker_passthrough(broker, offer, &format!("{tag}-p{n}")).await {
+            Ok(r) => {
+                let probe = baselines::BrokerProbe::of(&r);
+                p.say(format!(
+                    "baseline: broker probe {n} at {rate:.0}/s: received {:.0}/s, lost {}, {}",
+                    probe.received_per_s,
+                    probe.lost,
+                    if probe.sustained {
+                        "held"
+                    } else {
+                        "did not hold"
+                    }
+                ));
+                b.probes.push(probe);
+            }
+            Err(e) => {
+                p.say(format!(
+                    "baseline: broker probe {n} at {rate:.0}/s failed: {e}"
+                ));
+                break;
+            }
+        }
+    }
+    b.sustained_per_s = b
+        .probes
+        .iter()
+        .filter(|x| x.sustained)
+        .map(|x| x.received_per_s)
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
+    b.limit_per_s = b.received_per_s.max(b.sustained_per_s.unwrap_or(0.0));
+    p.say(format!(
+        "baseline: broker limit {:.0}/s (flooded {:.0}/s, best fixed-rate probe {})",
+        b.limit_per_s,
+        b.received_per_s,
+        b.sustained_per_s
+            .map_or("none held".into(), |v| format!("{v:.0}/s"))
+    ));
+}
+
 /// Runs the baselines `cfg.baselines` asks for; one that fails is listed as skipped, with why.
 async fn run_baselines(
     cfg: &BenchConfig,
@@ -514,12 +568,13 @@ async fn run_baselines(
             window: cfg.baseline_window,
             tick: cfg.publish_tick,
         };
-        match baselines::broker_passthrough(broker, offer, tag).await {
-            Ok(b) => {
+        match baselines::broker_passthrough(broker, offer.clone(), tag).await {
+            Ok(mut b) => {
                 p.say(format!(
                     "baseline: broker passed {:.0}/s (published {:.0}/s)",
                     b.received_per_s, b.published_per_s
                 ));
+                broker_probes(broker, &offer, tag, &mut b, p).await;
                 out.broker = Some(b);
             }
             Err(e) => out.skipped.push(format!("broker: {e}")),

@@ -406,7 +406,7 @@ impl BenchReport {
         let best = self.sustained_max(|s| s.committed_per_s);
         let b = &self.baselines;
         let ratio = |limit: Option<f64>| limit.filter(|l| *l > 0.0).map(|l| best / l);
-        let broker = b.broker.as_ref().map(|x| x.received_per_s);
+        let broker = b.broker.as_ref().map(|x| x.limit_per_s);
         let copy = b.copy.as_ref().map(|x| x.rows_per_s);
         let slower = match (broker, copy) {
             (Some(a), Some(c)) => Some(a.min(c)),
@@ -785,13 +785,18 @@ impl BenchReport {
             if let Some(x) = &b.broker {
                 let _ = writeln!(
                     o,
-                    "  broker pass-through (bare subscriber) {:>8.0}   {}   (bench published {:.0}/s; \
-                     mosquitto {} of a core, bench {})",
-                    x.received_per_s,
+                    "  broker pass-through (bare subscriber) {:>8.0}   {}   (flooded at {:.0}/s: \
+                     received {:.0}/s, bench published {:.0}/s, mosquitto {} of a core, bench {}; \
+                     best fixed-rate probe {})",
+                    x.limit_per_s,
                     ratio(r.vs_broker),
+                    x.offered_per_s,
+                    x.received_per_s,
                     x.published_per_s,
                     pct(x.broker_cpu_percent),
-                    pct(x.bench_cpu_percent)
+                    pct(x.bench_cpu_percent),
+                    x.sustained_per_s
+                        .map_or("none held".into(), |v| format!("{v:.0}/s"))
                 );
             }
             if let Some(x) = &b.copy {
@@ -958,6 +963,7 @@ mod tests {
         let mut r = report(100.0, 60_000.0, 700);
         r.baselines.broker = Some(crate::bench::baselines::BrokerBaseline {
             received_per_s: 60_000.0,
+            limit_per_s: 60_000.0,
             ..crate::bench::baselines::BrokerBaseline::default()
         });
         r.steps = vec![
