@@ -92,10 +92,11 @@ pub struct BrokerBaseline {
     /// Steps at fixed offered rates from the flood's figure up, each judged as the service's
     /// steps are ([`BrokerProbe::sustained`]). A flooded broker can pass less than it keeps
     /// up with at a matched rate (it did on a slow machine: 19,272/s flooded, while the
-    /// service's own steps went through it at 21,399/s), so the flood alone can understate
-    /// the limit and flatter the ratio.
+    /// service's own steps, offered 21,250/s, went through it with nothing lost), so the
+    /// flood alone can understate the limit and flatter the ratio.
     pub probes: Vec<BrokerProbe>,
-    /// The highest offered rate a probe passed in full.
+    /// The highest rate the bare subscriber received in a probe that held (what it
+    /// received, as a service step counts what it committed).
     pub sustained_per_s: Option<f64>,
     /// The limit the ratios use: the larger of the flood's `received_per_s` and
     /// `sustained_per_s` (what the broker was seen to pass, either way).
@@ -249,6 +250,9 @@ pub async fn broker_passthrough(
     let stream = subscriber(broker, &format!("bench-base-sub-{tag}")).await?;
     let received = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
+    // The counter is spawned: if the load cannot start, it must not stay subscribed and
+    // acknowledging for the rest of the run (up to nine of these run, flood and probes).
+    let _stop_on_return = stop.clone().drop_guard();
     let counter = {
         let received = received.clone();
         let stop = stop.clone();

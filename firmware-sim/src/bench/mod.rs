@@ -489,14 +489,16 @@ async fn run_in(
 }
 
 /// The broker at fixed offered rates from its flood figure up, until the limit is bracketed
-/// ([`baselines::next_broker_probe`]); sets the baseline's `sustained_per_s` and `limit_per_s`.
+/// ([`baselines::next_broker_probe`]); sets the baseline's `sustained_per_s` and `limit_per_s`
+/// from the probes that ran, and returns the error of one that could not.
 async fn broker_probes(
     broker: &BrokerAddr,
     flood: &baselines::Offer,
     tag: &str,
     b: &mut baselines::BrokerBaseline,
     p: &Progress,
-) {
+) -> Result<(), String> {
+    let mut failed = Ok(());
     while let Some(rate) = baselines::next_broker_probe(b.received_per_s, &b.probes) {
         let n = b.probes.len() + 1;
         let offer = baselines::Offer {
@@ -507,7 +509,9 @@ async fn broker_probes(
             Ok(r) => {
                 let probe = baselines::BrokerProbe::of(&r);
                 p.say(format!(
-                    "baseline: broker probe {n} at {rate:.0}/s: received {:.0}/s, lost {}, {}",
+                    "baseline: broker probe {n} at {rate:.0}/s: published {:.0}/s, received \
+                     {:.0}/s, lost {}, {}",
+                    probe.published_per_s,
                     probe.received_per_s,
                     probe.lost,
                     if probe.sustained {
@@ -522,6 +526,7 @@ async fn broker_probes(
                 p.say(format!(
                     "baseline: broker probe {n} at {rate:.0}/s failed: {e}"
                 ));
+                failed = Err(format!("probe {n} at {rate:.0}/s: {e}"));
                 break;
             }
         }
@@ -540,6 +545,7 @@ async fn broker_probes(
         b.sustained_per_s
             .map_or("none held".into(), |v| format!("{v:.0}/s"))
     ));
+    failed
 }
 
 /// Runs the baselines `cfg.baselines` asks for; one that fails is listed as skipped, with why.
@@ -574,7 +580,9 @@ async fn run_baselines(
                     "baseline: broker passed {:.0}/s (published {:.0}/s)",
                     b.received_per_s, b.published_per_s
                 ));
-                broker_probes(broker, &offer, tag, &mut b, p).await;
+                if let Err(e) = broker_probes(broker, &offer, tag, &mut b, p).await {
+                    out.skipped.push(format!("broker probes: {e}"));
+                }
                 out.broker = Some(b);
             }
             Err(e) => out.skipped.push(format!("broker: {e}")),
