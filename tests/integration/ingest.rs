@@ -99,6 +99,14 @@ async fn a_fleet_lands_exactly_once() {
         "{body}"
     );
     assert!(body.contains("silverguard_ingest_rejected_total{reason=\"malformed_protobuf\"} 0"));
+    // The reads that brought the messages are counted.
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {body}"))
+    };
+    let reads = value("silverguard_ingest_socket_reads_total ");
+    assert!(reads >= 1.0, "{body}");
     app.stop().await;
 }
 
