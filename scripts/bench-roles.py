@@ -13,13 +13,17 @@ diagnostic: a backend's whole CPU in an interval goes to its most frequent state
   report LOG SAMPLES    per step of a bench log whose lines start with a Unix time,
                         microseconds per committed heartbeat, by program and by role
 
-docs/performance.md ("eighth round") shows how the bench's output is time-stamped for it.
-Needs psycopg2 (pip install psycopg2-binary).
+Only the processes of the cluster on PGPORT count as PostgreSQL (its postmaster and the
+pids pg_stat_activity shows, the sampler's own backend excepted): other clusters on the
+machine are left out. The bench's lag poller runs in that cluster, so it is listed as a role
+of its own. docs/performance.md ("eighth round") shows how the bench's output is
+time-stamped for `report`. psycopg2 is installed with pip when missing.
 """
 import collections
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -63,22 +67,49 @@ def statement_role(query):
     return "other: " + q[:30]
 
 
-def sample(out_path, done_path):
+def ensure_psycopg2():
+    try:
+        import psycopg2  # noqa: F401
+        return
+    except ImportError:
+        pass
+    base = [sys.executable, "-m", "pip", "install", "--quiet", "psycopg2-binary"]
+    if subprocess.call(base) != 0:
+        subprocess.check_call(base + ["--break-system-packages"])
+
+
+def connect(port, done_path):
+    """The cluster, waited for (the sampler may start before the bench's cluster is up)."""
     import psycopg2
 
+    while True:
+        try:
+            conn = psycopg2.connect(
+                host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=5
+            )
+            conn.autocommit = True
+            return conn
+        except psycopg2.OperationalError:
+            if os.path.exists(done_path):
+                sys.exit("bench-roles: the cluster on port %d never answered" % port)
+            time.sleep(1)
+
+
+def sample(out_path, done_path):
+    ensure_psycopg2()
     port = int(os.environ.get("PGPORT", "5442"))
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-    conn.autocommit = True
-    cur = conn.cursor()
-    cur.execute("SELECT pg_backend_pid()")
-    me = cur.fetchone()[0]
+    cur = connect(port, done_path).cursor()
+    cur.execute("SELECT pg_backend_pid(), current_setting('data_directory')")
+    me, data_dir = cur.fetchone()
+    with open(os.path.join(data_dir, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
     tick = os.sysconf("SC_CLK_TCK")
     prev, prev_t = process_ticks(), time.time()
     with open(out_path, "w") as out:
         while not os.path.exists(done_path):
             seen = collections.defaultdict(collections.Counter)
-            backend_type = {}
-            end = time.time() + 2.0
+            backend_type = {postmaster: "postmaster"}
+            end = prev_t + 2.0
             while time.time() < end:
                 cur.execute(
                     "SELECT pid, backend_type, state, query FROM pg_stat_activity WHERE pid <> %s",
@@ -99,6 +130,8 @@ def sample(out_path, done_path):
                     continue
                 if comm != "postgres":
                     per_role[comm] += used
+                elif pid not in backend_type:
+                    continue  # another cluster's, or the sampler's own backend
                 elif backend_type.get(pid) == "client backend":
                     counts = seen[pid]
                     active = {k: v for k, v in counts.items() if not k.startswith("idle")}
@@ -108,7 +141,7 @@ def sample(out_path, done_path):
                     per_role["postgres: " + backend_type.get(pid, "unknown")] += used
             dt = t - prev_t
             cpu = {k: v / tick / dt * 100 for k, v in sorted(per_role.items())}
-            out.write(json.dumps({"t": t, "cpu_percent": cpu}) + "\n")
+            out.write(json.dumps({"from": prev_t, "t": t, "cpu_percent": cpu}) + "\n")
             out.flush()
             prev, prev_t = now, t
 
@@ -121,24 +154,32 @@ def report(log_path, samples_path):
             t = float(stamp)
         except ValueError:
             continue
-        m = re.search(r"(step|refine) (\d+)/\d+ load: (\d+) hb/s.*warm-up (\d+)s", msg)
+        # "step 2/9 load: …", "refine 1/3 load: …", or "load: …" when the run has one step.
+        m = re.search(r"(?:(step|refine) (\d+)/\d+ )?load: (\d+) hb/s.*warm-up (\d+)s", msg)
         if m:
-            started = (f"{m.group(1)} {m.group(2)}", int(m.group(3)), t + int(m.group(4)))
+            name = f"{m.group(1)} {m.group(2)}" if m.group(1) else "step 1"
+            started = (name, int(m.group(3)), t + int(m.group(4)))
             window_end = None
         # The measured window's progress lines; a lossy step's drain comes after them.
         if started and "[window" in msg:
             window_end = t
-        m = re.search(r"(step|refine) \d+/\d+ done: .*committed (\d+)/s.*lost (\d+)", msg)
+        m = re.search(r"done: offered \d+/s, committed (\d+)/s.*lost (\d+)", msg)
         if m and started:
-            steps.append(started + (window_end or t, int(m.group(2)), int(m.group(3))))
+            steps.append(started + (window_end or t, int(m.group(1)), int(m.group(2))))
             started = None
-    rows = [json.loads(l) for l in open(samples_path)]
+    rows = []
+    for line in open(samples_path):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass  # a line the sampler was still writing
     print("step        offered committed    lost | µs per committed heartbeat: "
           "silverguard postgres mosquitto bench | postgres by role")
     for name, offered, t0, t1, committed, lost in steps:
-        # Samples wholly inside the measured window (each covers the 2 s before its time).
-        window = [r for r in rows if t0 + 2 <= r["t"] <= t1]
+        # Samples wholly inside the measured window.
+        window = [r for r in rows if t0 <= r.get("from", r["t"] - 2) and r["t"] <= t1]
         if not window or committed == 0:
+            print(f"{name:10} {offered:8} {committed:9} {lost:7} | no samples inside the window")
             continue
         mean = collections.Counter()
         for r in window:
