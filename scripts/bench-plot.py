@@ -11,19 +11,9 @@ with the 500 ms SOS bound.
 matplotlib is installed with pip when missing (scripts/bench-ramp.sh does this for you).
 """
 import json
-import subprocess
 import sys
 
-
-def ensure_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-        return
-    except ImportError:
-        pass
-    base = [sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"]
-    if subprocess.call(base) != 0:
-        subprocess.check_call(base + ["--break-system-packages"])
+from pip_ensure import ensure
 
 
 def main():
@@ -50,7 +40,7 @@ def main():
             other = sorted(json.load(f).get("steps") or [], key=lambda s: s["offered_per_s"])
     label = opts.get("--label", "silverguard")
     other_label = opts.get("--compare-label", "compared run")
-    ensure_matplotlib()
+    ensure("matplotlib", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -23,9 +23,10 @@ import collections
 import json
 import os
 import re
-import subprocess
 import sys
 import time
+
+from pip_ensure import ensure
 
 PROGRAMS = ("postgres", "mosquitto", "silverguard", "bracelet-sim")
 # Statement prefixes (or words near the start) and the role they name.
@@ -67,17 +68,6 @@ def statement_role(query):
     return "other: " + q[:30]
 
 
-def ensure_psycopg2():
-    try:
-        import psycopg2  # noqa: F401
-        return
-    except ImportError:
-        pass
-    base = [sys.executable, "-m", "pip", "install", "--quiet", "psycopg2-binary"]
-    if subprocess.call(base) != 0:
-        subprocess.check_call(base + ["--break-system-packages"])
-
-
 def connect(port, done_path):
     """The cluster, waited for (the sampler may start before the bench's cluster is up)."""
     import psycopg2
@@ -96,7 +86,7 @@ def connect(port, done_path):
 
 
 def sample(out_path, done_path):
-    ensure_psycopg2()
+    ensure("psycopg2", "psycopg2-binary")
     port = int(os.environ.get("PGPORT", "5442"))
     cur = connect(port, done_path).cursor()
     cur.execute("SELECT pg_backend_pid(), current_setting('data_directory')")
