@@ -63,7 +63,7 @@ def process_ticks():
 def statement_role(query):
     q = (query or "").strip().replace("\n", " ")
     for prefix, role in STATEMENTS:
-        if q.startswith(prefix) or prefix in q[:80]:
+        if prefix in q[:80]:
             return role
     return "other: " + q[:30]
 
@@ -128,7 +128,7 @@ def sample(out_path, done_path):
                     pick = active or counts
                     per_role["postgres: " + (max(pick, key=pick.get) if pick else "client")] += used
                 else:
-                    per_role["postgres: " + backend_type.get(pid, "unknown")] += used
+                    per_role["postgres: " + backend_type[pid]] += used
             dt = t - prev_t
             cpu = {k: v / tick / dt * 100 for k, v in sorted(per_role.items())}
             out.write(json.dumps({"from": prev_t, "t": t, "cpu_percent": cpu}) + "\n")

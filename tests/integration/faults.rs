@@ -660,21 +660,6 @@ async fn ready_code(port: u16) -> Option<u16> {
         .map(|(c, _)| c)
 }
 
-/// A counter of the service's `/metrics` (summed over its label sets).
-async fn metric(port: u16, name: &str) -> f64 {
-    let Some((_, body)) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| {
-            let rest = &l[name.len()..];
-            rest.starts_with(' ') || rest.starts_with('{')
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn alive(svc: &mut ServiceProcess) -> bool {
     matches!(svc.child.try_wait(), Ok(None))
 }

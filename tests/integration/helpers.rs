@@ -327,6 +327,22 @@ pub async fn http_get(url: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// A counter or gauge of the service's `/metrics` on `port` (summed over its label sets; 0
+/// when the page cannot be read).
+pub async fn metric(port: u16, name: &str) -> f64 {
+    let Some((_, body)) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| {
+            let rest = &l[name.len()..];
+            rest.starts_with(' ') || rest.starts_with('{')
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `check` until it is true or the deadline passes (then panics with `what`).
 pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut check: F)
 where

@@ -36,21 +36,6 @@ fn events_total(r: &FleetReport) -> i64 {
     r.events_published.values().sum::<u64>() as i64
 }
 
-/// `silverguard_ingest_socket_reads_total` from the service's `/metrics`.
-async fn socket_reads(http: &impl std::fmt::Display) -> f64 {
-    let (_, body) = http_get(&format!("http://{http}/metrics"))
-        .await
-        .expect("metrics");
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix("silverguard_ingest_socket_reads_total ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("silverguard_ingest_socket_reads_total in {body}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_lands_exactly_once() {
     let db = TestDb::new().await;
@@ -65,7 +50,8 @@ async fn a_fleet_lands_exactly_once() {
         "normal=70,sos=10,fall=10,fall-then-cancel=10",
     );
     provision(&db, firmware_sim::device_ids(&cfg)).await;
-    let reads_before = socket_reads(&app.http).await;
+    let reads = "silverguard_ingest_socket_reads_total";
+    let reads_before = metric(app.http.port(), reads).await;
     let report = run(cfg).await;
     assert_eq!(report.heartbeats_published, 40 * 15);
 
@@ -116,8 +102,11 @@ async fn a_fleet_lands_exactly_once() {
     );
     assert!(body.contains("silverguard_ingest_rejected_total{reason=\"malformed_protobuf\"} 0"));
     // The fleet's messages came in reads, and those are counted.
-    let reads = socket_reads(&app.http).await;
-    assert!(reads > reads_before, "{reads_before} -> {reads}");
+    let reads_after = metric(app.http.port(), reads).await;
+    assert!(
+        reads_after > reads_before,
+        "{reads_before} -> {reads_after}"
+    );
     app.stop().await;
 }
 
