@@ -98,8 +98,10 @@ pub struct BrokerBaseline {
     /// The highest rate the bare subscriber received in a probe that held (what it
     /// received, as a service step counts what it committed).
     pub sustained_per_s: Option<f64>,
-    /// The limit the ratios use: the larger of the flood's `received_per_s` and
-    /// `sustained_per_s` (what the broker was seen to pass, either way).
+    /// The limit the ratios use. With the broker's backlog watched (`$SYS`,
+    /// [`super::broker_sys`]): `sustained_per_s`, since the probes are then judged on whether
+    /// the broker kept up, and the flood's figure is what it passes while queueing. Without:
+    /// the larger of the flood's `received_per_s` and `sustained_per_s`.
     pub limit_per_s: f64,
 }
 
@@ -115,6 +117,17 @@ pub struct BrokerProbe {
     /// Published and received ≥ 98 % of offered in the window, nothing lost: the test a
     /// service step passes (its lag test aside: the bare subscriber keeps no backlog).
     pub sustained: bool,
+    /// Messages the broker held (`$SYS` store count) at most during the probe and at its
+    /// end: what it had sent but not yet seen acknowledged ([`super::broker_sys`]).
+    pub broker_backlog_max: Option<u64>,
+    pub broker_backlog_end: Option<u64>,
+    /// What the broker held at the probe's end was a consumer's window, not a queue
+    /// ([`super::broker_sys::kept_up`]); `None` when its figures are unknown. A probe that
+    /// held only by queueing does not hold.
+    pub broker_kept_up: Option<bool>,
+    /// Seconds the probe waited before it started for the broker to clear what the previous
+    /// load left.
+    pub waited_for_broker_s: Option<f64>,
 }
 
 impl BrokerProbe {
@@ -130,14 +143,18 @@ impl BrokerProbe {
             sustained: b.published_per_s >= 0.98 * offered
                 && b.received_per_s >= 0.98 * offered
                 && lost == 0,
+            broker_backlog_max: None,
+            broker_backlog_end: None,
+            broker_kept_up: None,
+            waited_for_broker_s: None,
         }
     }
 }
 
 /// The next rate to probe the broker at, or `None` when the limit is bracketed within 2.5 %
 /// (or no probe rate is left to try). Up in steps of a tenth of the flood's figure while
-/// the probes hold, then halving the gap between the last that held and the first that did
-/// not, as the service's refinement does.
+/// the probes hold, down in such steps while none has held, then halving the gap between the
+/// last that held and the first that did not, as the service's refinement does.
 pub fn next_broker_probe(flood_per_s: f64, probes: &[BrokerProbe]) -> Option<f64> {
     const MAX_PROBES: usize = 8;
     if flood_per_s <= 0.0 || probes.len() >= MAX_PROBES {
@@ -155,8 +172,9 @@ pub fn next_broker_probe(flood_per_s: f64, probes: &[BrokerProbe]) -> Option<f64
         .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.min(r))));
     match (held, failed) {
         (None, None) => Some(flood_per_s),
-        // The broker does not hold even the rate it passed when flooded: the flood stands.
-        (None, Some(_)) => None,
+        // The broker does not hold the rate it passed when flooded (it passed it by queueing,
+        // [`super::broker_sys`]): down until a rate holds.
+        (None, Some(lo)) => Some(lo - 0.1 * flood_per_s).filter(|r| *r > 0.0),
         (Some(lo), None) => Some(lo + 0.1 * flood_per_s),
         (Some(lo), Some(hi)) => ((hi - lo) > 0.025 * lo).then_some((lo + hi) / 2.0),
     }
@@ -683,7 +701,16 @@ mod tests {
             ..BrokerProbe::default()
         };
         assert_eq!(next_broker_probe(20_000.0, &[]), Some(20_000.0));
-        assert_eq!(next_broker_probe(20_000.0, &[probe(20_000.0, false)]), None);
+        assert_eq!(
+            next_broker_probe(20_000.0, &[probe(20_000.0, false)]),
+            Some(18_000.0)
+        );
+        let down = [
+            probe(20_000.0, false),
+            probe(18_000.0, false),
+            probe(16_000.0, true),
+        ];
+        assert_eq!(next_broker_probe(20_000.0, &down), Some(17_000.0));
         assert_eq!(
             next_broker_probe(20_000.0, &[probe(20_000.0, true)]),
             Some(22_000.0)

@@ -20,13 +20,17 @@
 //!    `warmup`, a measured window of `duration` during which SOS are pressed at `sos_rate`
 //!    ([`sos`]), lag markers are followed into the database ([`lag`]), and the service's
 //!    counters, CPU time and memory are sampled. Then the load pauses until everything
-//!    published is committed (per-step losses), and the next step starts. The ramp stops
-//!    after the first step the service cannot keep up with.
+//!    published is committed (per-step losses) and the broker has read the acknowledgements
+//!    it fell behind on ([`broker_sys`]), and the next step starts. The ramp stops after the
+//!    first step the service cannot keep up with; a step the broker carried only by queueing
+//!    (its backlog at the window's end more than a consumer's window) is not sustained, and
+//!    the broker baseline's probes are judged the same way.
 //! 7. Reports ([`report`]): per step and overall, committed heartbeats/s, ingest lag, SOS
 //!    latency (and where it goes, from database timestamps), CPU, RSS, rejects and losses,
 //!    the ratios to the limits, storage per heartbeat. A lost SOS or heartbeat fails the run.
 
 pub mod baselines;
+pub mod broker_sys;
 pub mod conn;
 pub mod db;
 pub mod gateway;
@@ -422,8 +426,25 @@ async fn run_in(
         t.elapsed().as_secs_f64()
     ));
 
+    // The broker's own backlog ($SYS), watched from here to the end.
+    let backlog = broker_sys::BrokerBacklog::start(broker, &format!("bench-sys-{tag}")).await;
+    p.say(match backlog.as_ref().and_then(|b| b.idle) {
+        Some(n) => format!("broker backlog watched through $SYS: {n} messages stored at rest"),
+        None => "broker backlog unknown: no $SYS figures from the broker".into(),
+    });
+
+    let ctx = Ctx {
+        cfg,
+        broker,
+        gateway: &gateway,
+        targets: &targets,
+        db_url: &db_url,
+        tag,
+        backlog: backlog.as_ref(),
+        p,
+    };
     // The limits, while nothing else consumes the stream.
-    let baselines = run_baselines(cfg, broker, &db_url, &load_ids, tag, name, p).await;
+    let baselines = run_baselines(&ctx, &load_ids, name).await;
 
     let log = cfg
         .service_log
@@ -461,16 +482,10 @@ async fn run_in(
         ));
         service.list.push(s);
     }
-    let ctx = Ctx {
-        cfg,
-        broker,
-        gateway: &gateway,
-        targets: &targets,
-        db_url: &db_url,
-        tag,
-        p,
-    };
     let measured = measure(ctx, &mut service).await;
+    if let Some(b) = backlog {
+        b.stop().await;
+    }
     let logs = service.logs();
     service.stop(Duration::from_secs(20)).await;
     gateway.stop();
@@ -496,6 +511,7 @@ async fn broker_probes(
     flood: &baselines::Offer,
     tag: &str,
     b: &mut baselines::BrokerBaseline,
+    backlog: Option<&broker_sys::BrokerBacklog>,
     p: &Progress,
 ) -> Result<(), String> {
     let mut failed = Ok(());
@@ -505,15 +521,30 @@ async fn broker_probes(
             rate,
             ..flood.clone()
         };
+        // Each probe starts with the broker's queue empty, not with the flood's (or the
+        // previous probe's) acknowledgements still to read.
+        let waited = wait_broker_cleared(backlog, p).await;
+        if let Some(b) = backlog {
+            b.take_max();
+        }
         match baselines::broker_passthrough(broker, offer, &format!("{tag}-p{n}")).await {
             Ok(r) => {
-                let probe = baselines::BrokerProbe::of(&r);
+                let mut probe = baselines::BrokerProbe::of(&r);
+                probe.broker_backlog_max = backlog.and_then(|b| b.take_max());
+                if let Some((end, kept_up)) = backlog.and_then(|b| b.kept_up_at_end(rate)) {
+                    probe.broker_backlog_end = Some(end);
+                    probe.broker_kept_up = Some(kept_up);
+                    probe.sustained &= kept_up;
+                }
+                probe.waited_for_broker_s = waited;
                 p.say(format!(
                     "baseline: broker probe {n} at {rate:.0}/s: published {:.0}/s, received \
-                     {:.0}/s, lost {}, {}",
+                     {:.0}/s, lost {}, broker backlog max {} end {}, {}",
                     probe.published_per_s,
                     probe.received_per_s,
                     probe.lost,
+                    fmt_count(probe.broker_backlog_max),
+                    fmt_count(probe.broker_backlog_end),
                     if probe.sustained {
                         "held"
                     } else {
@@ -537,7 +568,7 @@ async fn broker_probes(
         .filter(|x| x.sustained)
         .map(|x| x.received_per_s)
         .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
-    b.limit_per_s = b.received_per_s.max(b.sustained_per_s.unwrap_or(0.0));
+    b.limit_per_s = broker_limit(b, backlog.is_some_and(|w| w.idle.is_some()));
     p.say(format!(
         "baseline: broker limit {:.0}/s (flooded {:.0}/s, best fixed-rate probe {})",
         b.limit_per_s,
@@ -548,16 +579,62 @@ async fn broker_probes(
     failed
 }
 
-/// Runs the baselines `cfg.baselines` asks for; one that fails is listed as skipped, with why.
-async fn run_baselines(
-    cfg: &BenchConfig,
-    broker: &BrokerAddr,
-    db_url: &str,
-    load_ids: &[String],
-    tag: &str,
-    name: &str,
+/// The broker baseline's limit. Where the broker's backlog was watched, the best probe that
+/// held: the flood's figure is what it passes while it queues ([`broker_sys`]), a rate it
+/// keeps only until a queue is full. Otherwise the larger of the flood's figure and the best
+/// probe, as before the backlog was watched: a flood alone can flatter the ratio.
+fn broker_limit(b: &baselines::BrokerBaseline, backlog_watched: bool) -> f64 {
+    match (backlog_watched, b.sustained_per_s) {
+        (true, Some(held)) => held,
+        _ => b.received_per_s.max(b.sustained_per_s.unwrap_or(0.0)),
+    }
+}
+
+/// The longest the bench waits for the broker to read the acknowledgements it fell behind on.
+const BROKER_CLEAR_LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits until the broker's store is back to its idle size (module [`broker_sys`]); returns
+/// the seconds waited, `None` when the figures are unknown or it did not clear in time.
+async fn wait_broker_cleared(
+    backlog: Option<&broker_sys::BrokerBacklog>,
     p: &Progress,
-) -> baselines::Baselines {
+) -> Option<f64> {
+    let b = backlog?;
+    let before = b.store();
+    let waited = b.wait_cleared(BROKER_CLEAR_LIMIT).await;
+    match waited {
+        Some(w) if w >= Duration::from_secs(1) => p.say(format!(
+            "the broker held {} messages still to be acknowledged; cleared in {:.1}s",
+            fmt_count(before),
+            w.as_secs_f64()
+        )),
+        Some(_) => {}
+        None if b.idle.is_some() => p.say(format!(
+            "the broker still holds {} messages after {:.0}s (idle {}); going on",
+            fmt_count(b.store()),
+            BROKER_CLEAR_LIMIT.as_secs_f64(),
+            fmt_count(b.idle)
+        )),
+        None => {}
+    }
+    waited.map(|w| w.as_secs_f64())
+}
+
+fn fmt_count(n: Option<u64>) -> String {
+    n.map_or("?".into(), |n| n.to_string())
+}
+
+/// Runs the baselines `cfg.baselines` asks for; one that fails is listed as skipped, with why.
+async fn run_baselines(x: &Ctx<'_>, load_ids: &[String], name: &str) -> baselines::Baselines {
+    let Ctx {
+        cfg,
+        broker,
+        db_url,
+        tag,
+        backlog,
+        p,
+        ..
+    } = *x;
     let mut out = baselines::Baselines::default();
     let warmup = Duration::from_secs(2);
     if cfg.baselines.broker {
@@ -580,7 +657,7 @@ async fn run_baselines(
                     "baseline: broker passed {:.0}/s (published {:.0}/s)",
                     b.received_per_s, b.published_per_s
                 ));
-                if let Err(e) = broker_probes(broker, &offer, tag, &mut b, p).await {
+                if let Err(e) = broker_probes(broker, &offer, tag, &mut b, backlog, p).await {
                     out.skipped.push(format!("broker probes: {e}"));
                 }
                 out.broker = Some(b);
@@ -619,6 +696,8 @@ async fn run_baselines(
         }
     }
     if let (true, Some(client)) = (cfg.baselines.naive, &client) {
+        // Not on top of what the broker probes left it to read.
+        wait_broker_cleared(backlog, p).await;
         p.say(format!(
             "baseline: naive INSERT-per-message bridge, {:.0} hb/s offered for {:.0}s",
             cfg.naive_rate,
@@ -715,7 +794,7 @@ impl CpuSample {
     }
 }
 
-/// What [`measure`] works with besides the service.
+/// What the baselines and [`measure`] work with (besides the service).
 struct Ctx<'a> {
     cfg: &'a BenchConfig,
     broker: &'a BrokerAddr,
@@ -724,6 +803,7 @@ struct Ctx<'a> {
     db_url: &'a str,
     /// Random part of this run's MQTT client ids.
     tag: &'a str,
+    backlog: Option<&'a broker_sys::BrokerBacklog>,
     p: &'a Progress,
 }
 
@@ -736,6 +816,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         targets,
         db_url,
         tag,
+        backlog,
         p,
     } = x;
     let ready = service.wait_ready(Duration::from_secs(120)).await?;
@@ -845,6 +926,9 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     let mut pub_in_windows = 0u64;
     let mut i = 0;
     while let Some(&rate) = rates.get(i) {
+        // The broker's acknowledgements of the previous load read before this step starts
+        // (module `broker_sys`): otherwise a step inherits a queue it did not make.
+        let waited_for_broker_s = wait_broker_cleared(backlog, p).await;
         // After a lossy step: how long the fleet ran at the settling rate before this step.
         let settle_s = if report.steps.last().is_some_and(|s| s.lost > 0) {
             let rate = settle_rate(highest_sustained_rate(&report.steps), rate);
@@ -882,6 +966,10 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         .await;
 
         // The measured window.
+        if let Some(b) = backlog {
+            b.take_max();
+        }
+        let dropped0 = backlog.and_then(|b| b.dropped());
         let pub0 = load.counters.published();
         let ov0 = load.overflow();
         let m0_each = service.metrics_each().await.ok();
@@ -914,6 +1002,8 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         let m1 = m1_each.as_ref().map(|m| m.join("\n"));
         let window = cpu1.at - cpu0.at;
         pub_in_windows += pub1 - pub0;
+        let broker_backlog_max = backlog.and_then(|b| b.take_max());
+        let broker_end = backlog.and_then(|b| b.kept_up_at_end(rate));
 
         // Pause, and wait until everything published so far is committed.
         load.set_rate(0.0);
@@ -930,6 +1020,10 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         )
         .await;
         let drain_s = drain_started.elapsed().as_secs_f64();
+        let broker_dropped = match (dropped0, backlog.and_then(|b| b.dropped())) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
         lag.wait_seen(window_end, Duration::from_secs(5)).await;
         let outcomes = sos::collect(&shots, gateway, cfg.sos_timeout).await;
         let secs = window.as_secs_f64();
@@ -993,13 +1087,19 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             },
             sustained: false,
             instances,
+            broker_backlog_max,
+            broker_backlog_end: broker_end.map(|(n, _)| n),
+            broker_kept_up: broker_end.map(|(_, k)| k),
+            broker_dropped,
+            waited_for_broker_s,
         };
         if step.lost > 0 {
             lag.give_up_before(window_end);
         }
         p.say(format!(
             "{step_name}done: offered {rate:.0}/s, committed {:.0}/s, lag p50/p99 {}/{} ms, \
-             SOS p99 {} ms, silverguard CPU {}, lost {} (drained in {:.1}s)",
+             SOS p99 {} ms, silverguard CPU {}, lost {} (drained in {:.1}s), broker backlog \
+             max {} end {}",
             step.committed_per_s,
             fmt_ms(step.lag.latency.p50_ms),
             fmt_ms(step.lag.latency.p99_ms),
@@ -1007,7 +1107,9 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             step.service_cpu_percent
                 .map_or("-".into(), |c| format!("{c:.0} %")),
             step.lost,
-            drain_s
+            drain_s,
+            fmt_count(step.broker_backlog_max),
+            fmt_count(step.broker_backlog_end)
         ));
         let saturated = step.committed_per_s < 0.9 * rate || !step.drained;
         all_loaded.extend(outcomes);
@@ -1533,6 +1635,23 @@ mod tests {
         assert!(!step(50_000.0, 45_000.0, 99_632, 650.0).is_sustained());
         assert!(!step(48_000.0, 55_933.0, 0, 5_886.0).is_sustained());
         assert!(!step(48_000.0, 46_000.0, 0, 150.0).is_sustained());
+    }
+
+    #[test]
+    fn the_broker_limit_is_the_best_held_probe_once_its_backlog_is_watched() {
+        let b = baselines::BrokerBaseline {
+            received_per_s: 51_097.0,
+            sustained_per_s: Some(44_000.0),
+            ..baselines::BrokerBaseline::default()
+        };
+        assert_eq!(broker_limit(&b, true), 44_000.0);
+        // Unwatched, a probe can only raise the flood's figure, as before.
+        assert_eq!(broker_limit(&b, false), 51_097.0);
+        let none_held = baselines::BrokerBaseline {
+            sustained_per_s: None,
+            ..b
+        };
+        assert_eq!(broker_limit(&none_held, true), 51_097.0);
     }
 
     #[test]

@@ -233,15 +233,30 @@ pub struct Step {
     pub sustained: bool,
     /// Each instance's part of the window (`service_*` above are all of them together).
     pub instances: Vec<InstanceStep>,
+    /// Messages the broker held (`$SYS` store count) at most in the window and at its end:
+    /// sent but not yet seen acknowledged, or queued ([`super::broker_sys`]). A backlog that
+    /// grows through the window is borrowed against `max_queued_messages`.
+    pub broker_backlog_max: Option<u64>,
+    pub broker_backlog_end: Option<u64>,
+    /// What the broker held at the window's end was a consumer's window, not a queue
+    /// ([`super::broker_sys::kept_up`]); `None` when the broker's figures are unknown.
+    pub broker_kept_up: Option<bool>,
+    /// Messages the broker dropped from the window's start to the end of the drain.
+    pub broker_dropped: Option<u64>,
+    /// Seconds the step waited before it started for the broker to clear what the previous
+    /// load left.
+    pub waited_for_broker_s: Option<f64>,
 }
 
 impl Step {
-    /// Committed ≥ 98 % of offered, drained, lag p99 under 2 s, nothing lost.
+    /// Committed ≥ 98 % of offered, drained, lag p99 under 2 s, nothing lost, and the
+    /// broker not queueing at the window's end (when its figures are known).
     pub fn is_sustained(&self) -> bool {
         self.committed_per_s >= 0.98 * self.offered_per_s
             && self.drained
             && self.lost == 0
             && self.lag.latency.p99_ms.is_some_and(|p| p <= 2000.0)
+            && self.broker_kept_up != Some(false)
     }
 }
 
@@ -467,6 +482,7 @@ impl BenchReport {
         };
         let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} %"));
         let mib = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} MiB"));
+        let count = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         let h = &self.heartbeats;
         let s = &self.settings;
         let mut o = String::new();
@@ -581,12 +597,17 @@ impl BenchReport {
             let _ = writeln!(
                 o,
                 "ramp    offered  published  committed  lag p50/p99 ms  SOS p50/p99 ms  \
-                 sg CPU  sg RSS  machine  lost  rejects  sustained"
+                 sg CPU  sg RSS  machine  lost  rejects  broker held max/end  sustained"
             );
             for st in &self.steps {
+                let held = format!(
+                    "{}/{}",
+                    count(st.broker_backlog_max),
+                    count(st.broker_backlog_end)
+                );
                 let _ = writeln!(
                     o,
-                    "  {:>11.0} {:>10.0} {:>10.0} {:>7}/{:<7} {:>7}/{:<7} {:>6} {:>7} {:>8} {:>5} {:>8}  {}",
+                    "  {:>11.0} {:>10.0} {:>10.0} {:>7}/{:<7} {:>7}/{:<7} {:>6} {:>7} {:>8} {:>5} {:>8} {:>20}  {}",
                     st.offered_per_s,
                     st.published_per_s,
                     st.committed_per_s,
@@ -599,6 +620,7 @@ impl BenchReport {
                     pct(st.machine_cpu_busy_percent),
                     st.lost,
                     st.rejects,
+                    held,
                     if st.sustained { "yes" } else { "no" }
                 );
             }
