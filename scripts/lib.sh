@@ -141,7 +141,7 @@ ensure_broker() {
       -e "s|^persistence_location .*|persistence_location $dir/|" \
       "$ROOT/deploy/mosquitto.conf" > "$dir/mosquitto.conf"
   printf 'pid_file %s/pid\nlog_dest file %s/mosquitto.log\n' "$dir" "$dir" >> "$dir/mosquitto.conf"
-  # $SYS every second instead of every 10: the bench reads the broker's backlog from it
+  # $SYS about every 2 s instead of every 10: the bench reads the broker's backlog from it
   # (firmware-sim/src/bench/broker_sys.rs).
   printf 'sys_interval 1\n' >> "$dir/mosquitto.conf"
   # Mosquitto drops privileges to "mosquitto" when started as root.

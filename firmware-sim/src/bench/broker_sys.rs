@@ -7,15 +7,19 @@
 //! sending past its receive maximum) and the bench's own counters look healthy, but the
 //! broker keeps every message it has not seen acknowledged: its store grows, and once one
 //! client's count passes `max_queued_messages` it drops new messages for that client
-//! (measured, 7 Dec 2026: the store grew by about 13,000 messages a second at 45,000/s, and a
+//! (measured, 7 Dec 2026: the store grew by about 10,000 messages a second at 45,000/s, and a
 //! third 25-second step at that rate lost 88,688 heartbeats). A step that starts while that
 //! backlog is still there inherits it. The watcher lets the bench see the backlog
 //! (`$SYS/broker/store/messages/count`) and the broker's drops
 //! (`$SYS/broker/publish/messages/dropped`), and wait for the backlog to clear between steps.
-//! The resolution is the broker's `sys_interval` (the scripts' bench broker publishes every
-//! second; Mosquitto's default is 10 s). A broker without `$SYS` leaves every figure unknown.
+//! Mosquitto publishes a figure only when it changed, at most once per `sys_interval` (about
+//! every 2 s with the scripts' `sys_interval 1`; Mosquitto's default is 10), and the retained
+//! copy expires after a minute, so the watcher stores a retained message of its own to make
+//! the count change once at the start. A broker without `$SYS`, or a watcher whose connection
+//! ended, leaves every figure unknown.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,9 +39,14 @@ const DROPPED_TOPIC: &str = "$SYS/broker/publish/messages/dropped";
 /// and a few retained messages, not a queue.
 pub const CLEARED_SLACK: u64 = 5_000;
 
-/// The end of a window is judged on the least figure of its last seconds: one second's
-/// figure can catch a burst the broker reads a moment later; a queue stays in all of them.
-pub const END_SPAN: Duration = Duration::from_secs(3);
+/// The end of a window is judged on the least figure of its last seconds (two or three
+/// figures at `sys_interval 1`): one figure can catch a burst the broker reads a moment
+/// later; a queue stays in all of them.
+pub const END_SPAN: Duration = Duration::from_secs(5);
+
+/// How long the watcher waits for its first store count: two updates at Mosquitto's default
+/// `sys_interval`.
+const FIRST_FIGURE_WAIT: Duration = Duration::from_secs(22);
 
 /// How far behind on acknowledgements, in seconds of the offered rate, the broker may end a
 /// step or probe (which start with it cleared). Below it the figure swings with the
@@ -87,6 +96,8 @@ impl Seen {
 /// A subscriber to the two `$SYS` figures; see the module documentation.
 pub struct BrokerBacklog {
     seen: Arc<Mutex<Seen>>,
+    /// Cleared when the connection ends: the last figures are then no longer current.
+    alive: Arc<AtomicBool>,
     stop: CancellationToken,
     task: JoinHandle<()>,
     /// The store count before any load: what "cleared" comes back to.
@@ -95,8 +106,9 @@ pub struct BrokerBacklog {
 
 impl BrokerBacklog {
     /// Connects and subscribes; `None` when the broker refuses (the bench then runs without
-    /// these figures). Waits up to two seconds for the first store count (it is retained);
-    /// without one the figures count as unknown.
+    /// these figures). Waits up to [`FIRST_FIGURE_WAIT`] for the first store count, which the
+    /// retained marker it stores makes the broker publish; without one the figures count as
+    /// unknown.
     pub async fn start(broker: &BrokerAddr, client_id: &str) -> Option<BrokerBacklog> {
         let mut stream = raw::connect(broker, client_id, true, 60, Duration::from_secs(10))
             .await
@@ -106,17 +118,27 @@ impl BrokerBacklog {
         let mut out = BytesMut::new();
         raw::encode_subscribe(&mut out, 1, STORE_TOPIC, 0);
         raw::encode_subscribe(&mut out, 2, DROPPED_TOPIC, 0);
+        let marker = format!("bench/broker-sys/{client_id}");
+        encode_retained(&mut out, &marker, b"1");
         stream.write_all(&out).await.ok()?;
         let seen = Arc::new(Mutex::new(Seen::default()));
+        let alive = Arc::new(AtomicBool::new(true));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(read_sys(stream, seen.clone(), stop.clone()));
+        let task = tokio::spawn(read_sys(
+            stream,
+            seen.clone(),
+            alive.clone(),
+            marker,
+            stop.clone(),
+        ));
         let mut watcher = BrokerBacklog {
             seen,
+            alive,
             stop,
             task,
             idle: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + FIRST_FIGURE_WAIT;
         while watcher.store().is_none() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -124,26 +146,34 @@ impl BrokerBacklog {
         Some(watcher)
     }
 
-    /// The broker's latest store count: messages it holds for any client.
-    pub fn store(&self) -> Option<u64> {
-        self.seen.lock().ok()?.store
+    fn current(&self) -> Option<std::sync::MutexGuard<'_, Seen>> {
+        if !self.alive.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.seen.lock().ok()
     }
 
-    /// Messages the broker has dropped since it started.
+    /// The broker's latest store count: messages it holds for any client.
+    pub fn store(&self) -> Option<u64> {
+        self.current()?.store
+    }
+
+    /// Messages the broker has dropped since it started (known once the broker has published
+    /// the figure since the watcher connected: it does so when the figure changes).
     pub fn dropped(&self) -> Option<u64> {
-        self.seen.lock().ok()?.dropped
+        self.current()?.dropped
     }
 
     /// The largest store count seen since the last call (or since the start).
     pub fn take_max(&self) -> Option<u64> {
-        self.seen.lock().ok()?.take_max()
+        self.current()?.take_max()
     }
 
     /// What the broker held at the end of a window: the least figure of the last
     /// [`END_SPAN`].
     pub fn held_at_end(&self) -> Option<u64> {
         let since = Instant::now().checked_sub(END_SPAN)?;
-        self.seen.lock().ok()?.least_since(since)
+        self.current()?.least_since(since)
     }
 
     /// [`kept_up`] for a load that just ended; `None` when the figures are unknown.
@@ -175,9 +205,21 @@ impl BrokerBacklog {
     }
 }
 
+/// A QoS 0 retained PUBLISH; an empty payload deletes the topic's retained message.
+fn encode_retained(buf: &mut BytesMut, topic: &str, payload: &[u8]) {
+    use bytes::BufMut;
+    buf.put_u8(0x31); // PUBLISH, QoS 0, RETAIN
+    raw::put_remaining_length(buf, 2 + topic.len() + payload.len());
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic.as_bytes());
+    buf.put_slice(payload);
+}
+
 async fn read_sys(
     mut stream: tokio::net::TcpStream,
     seen: Arc<Mutex<Seen>>,
+    alive: Arc<AtomicBool>,
+    marker: String,
     stop: CancellationToken,
 ) {
     let mut rbuf = BytesMut::with_capacity(1024);
@@ -186,32 +228,47 @@ async fn read_sys(
         tokio::select! {
             _ = stop.cancelled() => {
                 let mut out = BytesMut::new();
+                encode_retained(&mut out, &marker, b"");
                 raw::encode_disconnect(&mut out);
                 let _ = stream.write_all(&out).await;
-                return;
+                break;
             }
             _ = ping.tick() => {
                 let mut out = BytesMut::new();
                 raw::encode_pingreq(&mut out);
                 if stream.write_all(&out).await.is_err() {
-                    return;
+                    break;
                 }
             }
             read = stream.read_buf(&mut rbuf) => {
                 if !matches!(read, Ok(n) if n > 0) {
-                    return;
+                    break;
                 }
-                while let Ok(Some((first, header, len))) = raw::peek_frame(&rbuf) {
-                    if first >> 4 == raw::PUBLISH {
-                        if let Ok(p) = raw::parse_publish(first, &rbuf[header..header + len]) {
-                            record(&seen, p.topic, p.payload);
+                let mut broken = false;
+                loop {
+                    match raw::peek_frame(&rbuf) {
+                        Ok(Some((first, header, len))) => {
+                            if first >> 4 == raw::PUBLISH {
+                                if let Ok(p) = raw::parse_publish(first, &rbuf[header..header + len]) {
+                                    record(&seen, p.topic, p.payload);
+                                }
+                            }
+                            rbuf.advance(header + len);
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            broken = true;
+                            break;
                         }
                     }
-                    rbuf.advance(header + len);
+                }
+                if broken {
+                    break;
                 }
             }
         }
     }
+    alive.store(false, Ordering::Relaxed);
 }
 
 fn record(seen: &Mutex<Seen>, topic: &[u8], payload: &[u8]) {

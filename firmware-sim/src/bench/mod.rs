@@ -527,12 +527,15 @@ async fn broker_probes(
         if let Some(b) = backlog {
             b.take_max();
         }
-        match baselines::broker_passthrough(broker, offer, &format!("{tag}-p{n}")).await {
+        match baselines::broker_passthrough(broker, offer, &format!("{tag}-p{n}"), backlog).await {
             Ok(r) => {
                 let mut probe = baselines::BrokerProbe::of(&r);
-                probe.broker_backlog_max = backlog.and_then(|b| b.take_max());
-                if let Some((end, kept_up)) = backlog.and_then(|b| b.kept_up_at_end(rate)) {
-                    probe.broker_backlog_end = Some(end);
+                probe.broker_backlog_max = r.broker_held_max;
+                probe.broker_backlog_end = r.broker_held_at_end;
+                if let (Some(end), Some(idle)) =
+                    (r.broker_held_at_end, backlog.and_then(|b| b.idle))
+                {
+                    let kept_up = broker_sys::kept_up(idle, end, rate);
                     probe.broker_kept_up = Some(kept_up);
                     probe.sustained &= kept_up;
                 }
@@ -568,7 +571,8 @@ async fn broker_probes(
         .filter(|x| x.sustained)
         .map(|x| x.received_per_s)
         .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
-    b.limit_per_s = broker_limit(b, backlog.is_some_and(|w| w.idle.is_some()));
+    let judged = b.probes.iter().any(|x| x.broker_kept_up.is_some());
+    b.limit_per_s = broker_limit(b, judged);
     p.say(format!(
         "baseline: broker limit {:.0}/s (flooded {:.0}/s, best fixed-rate probe {})",
         b.limit_per_s,
@@ -651,7 +655,10 @@ async fn run_baselines(x: &Ctx<'_>, load_ids: &[String], name: &str) -> baseline
             window: cfg.baseline_window,
             tick: cfg.publish_tick,
         };
-        match baselines::broker_passthrough(broker, offer.clone(), tag).await {
+        if let Some(b) = backlog {
+            b.take_max();
+        }
+        match baselines::broker_passthrough(broker, offer.clone(), tag, backlog).await {
             Ok(mut b) => {
                 p.say(format!(
                     "baseline: broker passed {:.0}/s (published {:.0}/s)",
@@ -1111,7 +1118,11 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             fmt_count(step.broker_backlog_max),
             fmt_count(step.broker_backlog_end)
         ));
-        let saturated = step.committed_per_s < 0.9 * rate || !step.drained;
+        // A step the broker carried only by queueing is as far as a ramp goes: the next one
+        // would fill its queue and lose heartbeats.
+        let saturated = step.committed_per_s < 0.9 * rate
+            || !step.drained
+            || step.broker_kept_up == Some(false);
         all_loaded.extend(outcomes);
         if first_window.is_none() {
             first_window = Some((cpu0, cpu1, m0, m1));

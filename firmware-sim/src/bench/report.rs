@@ -968,6 +968,19 @@ mod tests {
         r
     }
 
+    #[test]
+    fn a_step_the_broker_carried_by_queueing_is_not_sustained() {
+        let mut s = ramp_step(42_500.0, 42_482.0, 0);
+        assert!(
+            s.is_sustained(),
+            "broker figures unknown: the other tests decide"
+        );
+        s.broker_kept_up = Some(true);
+        assert!(s.is_sustained());
+        s.broker_kept_up = Some(false);
+        assert!(!s.is_sustained());
+    }
+
     fn ramp_step(offered: f64, committed: f64, lost: u64) -> Step {
         let mut s = Step {
             offered_per_s: offered,
