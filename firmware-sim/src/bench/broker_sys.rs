@@ -14,8 +14,8 @@
 //! (`$SYS/broker/publish/messages/dropped`), and wait for the backlog to clear between steps.
 //! Mosquitto publishes a figure only when it changed, at most once per `sys_interval` (about
 //! every 2 s with the scripts' `sys_interval 1`; Mosquitto's default is 10), and the retained
-//! copy expires after a minute, so the watcher stores a retained message of its own to make
-//! the count change once at the start. A broker without `$SYS`, or a watcher whose connection
+//! copy expires after a minute, so the watcher stores retained messages of its own until the
+//! broker publishes the count (and deletes them when it stops). A broker without `$SYS`, or a watcher whose connection
 //! ended, leaves every figure unknown.
 
 use std::collections::VecDeque;
@@ -107,7 +107,7 @@ pub struct BrokerBacklog {
 impl BrokerBacklog {
     /// Connects and subscribes; `None` when the broker refuses (the bench then runs without
     /// these figures). Waits up to [`FIRST_FIGURE_WAIT`] for the first store count, which the
-    /// retained marker it stores makes the broker publish; without one the figures count as
+    /// retained markers it stores make the broker publish; without one the figures count as
     /// unknown.
     pub async fn start(broker: &BrokerAddr, client_id: &str) -> Option<BrokerBacklog> {
         let mut stream = raw::connect(broker, client_id, true, 60, Duration::from_secs(10))
@@ -224,10 +224,19 @@ async fn read_sys(
 ) {
     let mut rbuf = BytesMut::with_capacity(1024);
     let mut ping = tokio::time::interval(Duration::from_secs(20));
+    // Until the first store count comes, one more retained marker every 2.5 s: subscribing
+    // removes the expired retained copies of the two figures from the store, which can cancel
+    // the first marker out, and the broker publishes only a count that changed.
+    let mut nudge = tokio::time::interval(Duration::from_millis(2500));
+    let mut nudges = 0usize;
+    let unseen = |seen: &Mutex<Seen>| seen.lock().map(|s| s.store.is_none()).unwrap_or(false);
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
                 let mut out = BytesMut::new();
+                for n in 1..=nudges {
+                    encode_retained(&mut out, &format!("{marker}/{n}"), b"");
+                }
                 encode_retained(&mut out, &marker, b"");
                 raw::encode_disconnect(&mut out);
                 let _ = stream.write_all(&out).await;
@@ -236,6 +245,14 @@ async fn read_sys(
             _ = ping.tick() => {
                 let mut out = BytesMut::new();
                 raw::encode_pingreq(&mut out);
+                if stream.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+            _ = nudge.tick(), if nudges < 10 && unseen(&seen) => {
+                nudges += 1;
+                let mut out = BytesMut::new();
+                encode_retained(&mut out, &format!("{marker}/{nudges}"), b"1");
                 if stream.write_all(&out).await.is_err() {
                     break;
                 }
