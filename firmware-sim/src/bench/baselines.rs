@@ -90,8 +90,11 @@ pub struct BrokerBaseline {
     /// The bench (publisher and bare subscriber) over the window, % of one core.
     pub bench_cpu_percent: Option<f64>,
     /// What the broker held (`$SYS` store count, [`super::broker_sys`]) at the window's end,
-    /// with the load still running, and at most from the call's start to then.
+    /// with the load still running, whether that was within what a step may end with
+    /// ([`super::broker_sys::BrokerBacklog::kept_up_at_end`], the test a service step gets),
+    /// and the most it held from the call's start to then.
     pub broker_held_at_end: Option<u64>,
+    pub broker_kept_up: Option<bool>,
     pub broker_held_max: Option<u64>,
     /// Steps at fixed offered rates from the flood's figure up, each judged as the service's
     /// steps are ([`BrokerProbe::sustained`]). A flooded broker can pass less than it keeps
@@ -352,7 +355,7 @@ pub async fn broker_passthrough(
     );
     // Judged here, as a service step is at its window's end: once the publishers stop, the
     // broker reads the acknowledgements it fell behind on within seconds.
-    let broker_held_at_end = backlog.and_then(|b| b.held_at_end());
+    let broker_end = backlog.and_then(|b| b.kept_up_at_end(rate));
     let broker_held_max = backlog.and_then(|b| b.take_max());
     let ticks = super::service::clock_ticks_per_s();
     let pct = |a: Option<u64>, b: Option<u64>| super::stats::cpu_percent_of(a, b, ticks, t1 - t0);
@@ -378,7 +381,8 @@ pub async fn broker_passthrough(
         broker_cpu_percent: pct(cpu0.0, cpu1.0),
         bench_cpu_percent: pct(cpu0.1, cpu1.1),
         limit_per_s: (r1 - r0) as f64 / secs,
-        broker_held_at_end,
+        broker_held_at_end: broker_end.map(|(n, _)| n),
+        broker_kept_up: broker_end.map(|(_, k)| k),
         broker_held_max,
         ..BrokerBaseline::default()
     })

@@ -532,13 +532,8 @@ async fn broker_probes(
                 let mut probe = baselines::BrokerProbe::of(&r);
                 probe.broker_backlog_max = r.broker_held_max;
                 probe.broker_backlog_end = r.broker_held_at_end;
-                if let (Some(end), Some(idle)) =
-                    (r.broker_held_at_end, backlog.and_then(|b| b.idle))
-                {
-                    let kept_up = broker_sys::kept_up(idle, end, rate);
-                    probe.broker_kept_up = Some(kept_up);
-                    probe.sustained &= kept_up;
-                }
+                probe.broker_kept_up = r.broker_kept_up;
+                probe.sustained &= r.broker_kept_up != Some(false);
                 probe.waited_for_broker_s = waited;
                 p.say(format!(
                     "baseline: broker probe {n} at {rate:.0}/s: published {:.0}/s, received \
