@@ -117,6 +117,16 @@ pub struct MqttSettings {
     pub keep_alive: Duration,
     /// Largest packet we accept from the broker; larger ones the broker must drop (MQTT 5).
     pub max_packet_bytes: u32,
+    /// Read coalescing on the heartbeat connections (plain TCP only): the socket wakes the
+    /// reader only once `read_coalesce_bytes` are waiting, and the reader looks anyway after
+    /// this long. Spares the single-threaded broker a wake-up of silverguard for nearly every
+    /// message it writes (docs/performance.md, "tenth round"); costs a message at most this
+    /// much delay. `0s` turns it off. The event connection (SOS) always reads at once.
+    #[serde(with = "humantime_serde")]
+    pub read_coalesce: Duration,
+    /// How many bytes wake the reader of a heartbeat connection (`SO_RCVLOWAT`) when
+    /// `read_coalesce` is on.
+    pub read_coalesce_bytes: u32,
     /// Path of a PEM CA bundle for `mqtts://` (required with `mqtts://`).
     pub ca_file: Option<String>,
 }
@@ -139,6 +149,8 @@ impl Default for MqttSettings {
             session_expiry: Duration::from_secs(7 * 24 * 3600),
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 1024 * 1024,
+            read_coalesce: Duration::from_millis(5),
+            read_coalesce_bytes: 32 * 1024,
             ca_file: None,
         }
     }
@@ -451,6 +463,14 @@ impl Settings {
         if self.mqtt.keep_alive < Duration::from_secs(5) {
             problems.push("mqtt.keep_alive must be at least 5s".into());
         }
+        // Every heartbeat may wait this long before it is even read: keep it a small part of
+        // the batch delay and far below the keep-alive.
+        if self.mqtt.read_coalesce > Duration::from_secs(1) {
+            problems.push("mqtt.read_coalesce must be at most 1s (0s turns it off)".into());
+        }
+        if !(1..=4 * 1024 * 1024).contains(&self.mqtt.read_coalesce_bytes) {
+            problems.push("mqtt.read_coalesce_bytes must be between 1 and 4194304".into());
+        }
         if self.runtime.worker_threads > 256 {
             problems.push("runtime.worker_threads must be between 0 (one per core) and 256".into());
         }
@@ -684,6 +704,24 @@ mod tests {
         assert!(err.contains("mqtt.url"), "{err}");
         assert!(err.contains("http.addr"), "{err}");
         assert!(err.contains("ingest.writers"), "{err}");
+    }
+
+    #[test]
+    fn read_coalescing_is_bounded_and_can_be_turned_off() {
+        let err = Settings::load_from(
+            None,
+            env(&[
+                ("SILVERGUARD_MQTT__READ_COALESCE", "2s"),
+                ("SILVERGUARD_MQTT__READ_COALESCE_BYTES", "0"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("mqtt.read_coalesce must"), "{err}");
+        assert!(err.contains("mqtt.read_coalesce_bytes"), "{err}");
+        let off =
+            Settings::load_from(None, env(&[("SILVERGUARD_MQTT__READ_COALESCE", "0s")])).unwrap();
+        assert!(off.mqtt.read_coalesce.is_zero());
     }
 
     #[test]

@@ -147,6 +147,33 @@ impl KnownDevices {
     }
 }
 
+/// Every ingest connection's options, and the index of the event connection when there is
+/// one. Connections 0..N share the configured filter; one more (`-evt`) takes device events
+/// alone, so an SOS never waits behind heartbeats in an in-flight window (see
+/// `mqtt::event_filter`). Only connections no SOS depends on coalesce their reads.
+fn session_configs(
+    m: &crate::config::MqttSettings,
+) -> Result<(Vec<session::SessionConfig>, Option<u16>), mqtt::MqttConfigError> {
+    let mut sessions: Vec<_> = (0..m.connections)
+        .map(|i| session::SessionConfig::new(m, &i.to_string(), mqtt::subscription_filter(m)))
+        .collect::<Result<_, _>>()?;
+    let event_conn = match mqtt::event_filter(m) {
+        Some(filter) => {
+            sessions.push(session::SessionConfig::new(m, "evt", filter)?.without_read_coalescing());
+            Some(m.connections as u16)
+        }
+        // Events come on the main connections: they must not wait for a coalesced read.
+        None => {
+            sessions = sessions
+                .into_iter()
+                .map(|s| s.without_read_coalescing())
+                .collect();
+            None
+        }
+    };
+    Ok((sessions, event_conn))
+}
+
 /// Routes one validated message to its lane. Shared by the connection tasks and the resolver.
 #[derive(Clone)]
 pub struct Router {
@@ -324,19 +351,7 @@ impl Pipeline {
         let m = &settings.mqtt;
         let s = &settings.ingest;
         // Build every connection's options first, so a bad URL fails before anything starts.
-        // Connections 0..N share the configured filter; one more (`-evt`) takes device events
-        // alone, so an SOS never waits behind heartbeats in an in-flight window (see
-        // `mqtt::event_filter`).
-        let mut sessions: Vec<_> = (0..m.connections)
-            .map(|i| session::SessionConfig::new(m, &i.to_string(), mqtt::subscription_filter(m)))
-            .collect::<Result<_, _>>()?;
-        let event_conn = match mqtt::event_filter(m) {
-            Some(filter) => {
-                sessions.push(session::SessionConfig::new(m, "evt", filter)?);
-                Some(m.connections as u16)
-            }
-            None => None,
-        };
+        let (sessions, event_conn) = session_configs(m)?;
         let n_conns = sessions.len();
         let known = KnownDevices::default();
         known.replace(crate::store::devices::all_ids(&pool).await?);
@@ -505,5 +520,30 @@ impl Pipeline {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), latest).await;
         }
         tracing::info!("ingest stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_connections_no_sos_depends_on_coalesce_their_reads() {
+        let mut m = crate::config::MqttSettings::default();
+        let (sessions, event_conn) = session_configs(&m).unwrap();
+        assert_eq!(event_conn, Some(1));
+        assert!(sessions[0].coalesces_reads(), "the heartbeat connection");
+        assert!(!sessions[1].coalesces_reads(), "the event connection");
+
+        // A filter without device events: they arrive on the main connections.
+        m.topic_filter = "sg/v1/dev/+/hb".into();
+        let (sessions, event_conn) = session_configs(&m).unwrap();
+        assert_eq!(event_conn, None);
+        assert!(sessions.iter().all(|s| !s.coalesces_reads()));
+
+        m.topic_filter = "sg/#".into();
+        m.read_coalesce = std::time::Duration::ZERO;
+        let (sessions, _) = session_configs(&m).unwrap();
+        assert!(sessions.iter().all(|s| !s.coalesces_reads()));
     }
 }

@@ -44,6 +44,114 @@ use crate::ingest::validate::Limits;
 use crate::metrics::IngestMetrics;
 
 type BoxReader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// The read half of a connection. Plain TCP keeps its socket, so its reads can be coalesced.
+enum ReadHalf {
+    Tcp {
+        half: tokio::net::tcp::OwnedReadHalf,
+        coalescing: Option<Coalescing>,
+    },
+    Tls(BoxReader),
+}
+
+impl ReadHalf {
+    /// Coalesces this connection's reads from now on, when it is plain TCP and `setting`
+    /// (the longest wait, the waking bytes) is on. The handshake reads every byte at once.
+    fn coalesce(&mut self, setting: Option<(Duration, u32)>) {
+        let (ReadHalf::Tcp { half, coalescing }, Some((wait, bytes))) = (self, setting) else {
+            return;
+        };
+        match Coalescing::start(half.as_ref(), wait, bytes) {
+            Ok(c) => *coalescing = Some(c),
+            Err(e) => tracing::warn!(error = %e,
+                "cannot coalesce reads (SO_RCVLOWAT); reading every message as it arrives"),
+        }
+    }
+
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            ReadHalf::Tcp {
+                half,
+                coalescing: Some(c),
+            } => c.read(half.as_ref(), buf).await,
+            ReadHalf::Tcp { half, .. } => half.read_buf(buf).await,
+            ReadHalf::Tls(r) => r.read_buf(buf).await,
+        }
+    }
+}
+
+/// Read coalescing. Mosquitto writes every message with a `write(2)` of its own, and on
+/// loopback each write runs our socket's wake-up inside the broker's system call: with the
+/// reader parked in `epoll_wait`, that was several thousand cross-core wake-ups a second at
+/// 40,000 messages/s, paid by the broker's single thread, which is the first thing to run
+/// out on a shared node. With `SO_RCVLOWAT` the kernel wakes us only once `bytes` are
+/// waiting, and the reader looks anyway every `wait`, which bounds what a message can wait.
+struct Coalescing {
+    wait: Duration,
+}
+
+impl Coalescing {
+    /// Turns coalescing on for `stream`, or reports why it cannot (the reader then reads
+    /// every message as it arrives).
+    fn start(
+        stream: &tokio::net::TcpStream,
+        wait: Duration,
+        bytes: u32,
+    ) -> std::io::Result<Coalescing> {
+        use std::os::fd::AsRawFd;
+        let value = bytes.min(i32::MAX as u32) as libc::c_int;
+        // SAFETY: the descriptor is borrowed from a live socket, and the option value is a
+        // c_int of the length passed, as SO_RCVLOWAT expects.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Coalescing { wait })
+    }
+
+    /// Waits until the kernel says enough is there or `wait` has passed, then reads what
+    /// there is. Returns 0 only at the end of the stream.
+    async fn read(
+        &self,
+        stream: &tokio::net::TcpStream,
+        buf: &mut BytesMut,
+    ) -> std::io::Result<usize> {
+        loop {
+            let woken = tokio::select! {
+                biased;
+                r = stream.readable() => { r?; true }
+                _ = tokio::time::sleep(self.wait) => false,
+            };
+            // After a wake-up, through tokio so that an empty read clears its readiness;
+            // after the timer, straight to the socket: tokio has seen no readiness to check.
+            let read = if woken {
+                stream.try_io(tokio::io::Interest::READABLE, || read_now(stream, buf))
+            } else {
+                read_now(stream, buf)
+            };
+            match read {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// One non-blocking `recv` into the buffer's spare capacity.
+fn read_now(stream: &tokio::net::TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let n = socket2::SockRef::from(stream).recv(buf.spare_capacity_mut())?;
+    // SAFETY: recv initialised the first n bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
 type BoxWriter = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// How much the reader asks the socket for at a time (at most).
@@ -130,6 +238,9 @@ pub struct SessionConfig {
     session_expiry: Duration,
     receive_maximum: u16,
     max_packet_bytes: u32,
+    /// Read coalescing (plain TCP): the longest a message waits, and the bytes that wake the
+    /// reader sooner. None reads every message as it arrives.
+    read_coalesce: Option<(Duration, u32)>,
 }
 
 impl SessionConfig {
@@ -165,7 +276,20 @@ impl SessionConfig {
             session_expiry: settings.session_expiry,
             receive_maximum: settings.receive_maximum.max(1),
             max_packet_bytes: settings.max_packet_bytes,
+            read_coalesce: (!settings.read_coalesce.is_zero())
+                .then_some((settings.read_coalesce, settings.read_coalesce_bytes.max(1))),
         })
+    }
+
+    /// Whether this connection's reads are coalesced.
+    pub fn coalesces_reads(&self) -> bool {
+        self.read_coalesce.is_some()
+    }
+
+    /// Reads every message as it arrives: for the connection an SOS comes in on.
+    pub fn without_read_coalescing(mut self) -> SessionConfig {
+        self.read_coalesce = None;
+        self
     }
 }
 
@@ -177,16 +301,22 @@ fn encode(packet: &Packet, out: &mut BytesMut) -> Result<(), CodecError> {
 /// CONNACK, and whatever the broker sent right behind it (resent messages of the session).
 async fn open(
     cfg: &SessionConfig,
-) -> Result<(BoxReader, BoxWriter, ConnAck, BytesMut), SessionError> {
+) -> Result<(ReadHalf, BoxWriter, ConnAck, BytesMut), SessionError> {
     let tcp = tokio::net::TcpStream::connect((cfg.host.as_str(), cfg.port))
         .await
         .map_err(|e| SessionError::Connect(cfg.addr.clone(), e))?;
     // Acks are already batched here; what is written must go out now.
     tcp.set_nodelay(true)?;
-    let (mut rd, mut wr): (BoxReader, BoxWriter) = match &cfg.tls {
+    let (mut rd, mut wr): (ReadHalf, BoxWriter) = match &cfg.tls {
         None => {
             let (r, w) = tcp.into_split();
-            (Box::new(r), Box::new(w))
+            (
+                ReadHalf::Tcp {
+                    half: r,
+                    coalescing: None,
+                },
+                Box::new(w),
+            )
         }
         Some((connector, name)) => {
             let tls = connector
@@ -194,7 +324,7 @@ async fn open(
                 .await
                 .map_err(|e| SessionError::Tls(cfg.addr.clone(), e))?;
             let (r, w) = tokio::io::split(tls);
-            (Box::new(r), Box::new(w))
+            (ReadHalf::Tls(Box::new(r)), Box::new(w))
         }
     };
     let connect = Connect {
@@ -554,7 +684,7 @@ impl Reader {
     /// taken is acknowledged (bounded by `drain_timeout`).
     async fn read_connection(
         &mut self,
-        mut rd: BoxReader,
+        mut rd: ReadHalf,
         mut buf: BytesMut,
         silent_limit: Duration,
         pending: &mut watch::Receiver<usize>,
@@ -649,8 +779,9 @@ pub async fn run_connection(
                 _ = cancel.cancelled() => break,
             };
             let error = match opened {
-                Ok((rd, wr, connack, buf)) => {
+                Ok((mut rd, wr, connack, buf)) => {
                     backoff = Duration::from_millis(200);
+                    rd.coalesce(cfg.read_coalesce);
                     metrics.mqtt_connected.inc();
                     tracing::info!(
                         session_present = connack.session_present,
@@ -782,5 +913,90 @@ mod tests {
         a.apply(AckCmd::DoneMany(vec![6, 5]));
         a.take_committed_prefix();
         assert_eq!(acked_ids(&a.out), vec![3]);
+    }
+}
+
+#[cfg(test)]
+mod coalescing_tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A connected loopback pair: (what the broker would write to, what the reader reads).
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ours, theirs) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (theirs.unwrap().0, ours.unwrap())
+    }
+
+    async fn read_within(
+        c: &Coalescing,
+        stream: &tokio::net::TcpStream,
+        buf: &mut BytesMut,
+    ) -> usize {
+        tokio::time::timeout(Duration::from_secs(10), c.read(stream, buf))
+            .await
+            .expect("a coalesced read must not wait for the low-water mark forever")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn fewer_bytes_than_the_low_water_mark_are_read_after_the_wait() {
+        let (mut broker, reader) = pair().await;
+        let c = Coalescing::start(&reader, Duration::from_millis(20), 1 << 20).unwrap();
+        broker.write_all(b"one small message").await.unwrap();
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut got = 0;
+        while got < 17 {
+            got += read_within(&c, &reader, &mut buf).await;
+        }
+        assert_eq!(&buf[..], b"one small message");
+    }
+
+    #[tokio::test]
+    async fn a_stream_larger_than_the_mark_is_read_whole_and_its_end_is_seen() {
+        let (mut broker, reader) = pair().await;
+        let c = Coalescing::start(&reader, Duration::from_millis(5), 4096).unwrap();
+        let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                for chunk in sent.chunks(1000) {
+                    broker.write_all(chunk).await.unwrap();
+                }
+                // Dropping the socket ends the stream.
+            })
+        };
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            if read_within(&c, &reader, &mut buf).await == 0 {
+                break;
+            }
+        }
+        writer.await.unwrap();
+        assert_eq!(buf.len(), sent.len());
+        assert!(buf[..] == sent[..], "bytes arrive whole and in order");
+    }
+
+    #[tokio::test]
+    async fn the_kernel_holds_the_wake_up_until_the_mark() {
+        let (mut broker, reader) = pair().await;
+        Coalescing::start(&reader, Duration::from_secs(3600), 4096).unwrap();
+        broker.write_all(&[7u8; 100]).await.unwrap();
+        // Below the mark the socket is not readable (what spares the broker its wake-ups)...
+        let early = tokio::time::timeout(Duration::from_millis(100), reader.readable()).await;
+        assert!(
+            early.is_err(),
+            "100 bytes must not wake a reader whose mark is 4,096"
+        );
+        // ...and at the mark it is.
+        broker.write_all(&[7u8; 4096]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("the mark wakes the reader")
+            .unwrap();
     }
 }
