@@ -320,6 +320,11 @@ struct BenchArgs {
     /// Heartbeats/s offered to the broker baseline (far above its ceiling on purpose).
     #[arg(long, default_value_t = 400_000.0)]
     broker_rate: f64,
+    /// How long the broker baseline's subscriber lets messages wait before it reads them, as
+    /// silverguard's `mqtt.read_coalesce` (SO_RCVLOWAT 32 KiB and a look every so often);
+    /// 0s reads every message as it arrives.
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    baseline_read_coalesce: Duration,
     /// Heartbeats/s offered to the naive-bridge baseline.
     #[arg(long, default_value_t = 5_000.0)]
     naive_rate: f64,
@@ -387,6 +392,7 @@ impl BenchArgs {
             baselines: self.baselines,
             baseline_window: self.baseline_window,
             broker_rate: self.broker_rate,
+            baseline_read_coalesce: self.baseline_read_coalesce,
             naive_rate: self.naive_rate,
             copy_rows: self.copy_rows,
             markers_per_s: self.markers_per_s,

@@ -256,6 +256,8 @@ pub struct Offer {
     pub window: Duration,
     /// The publishers' write tick, as in the load ([`LoadSettings::tick`]).
     pub tick: Duration,
+    /// How the broker baseline's subscriber coalesces its reads (zero: it does not).
+    pub read_coalesce: Duration,
 }
 
 /// Broker pass-through: flood the broker with the load, count what a bare subscriber gets.
@@ -272,8 +274,18 @@ pub async fn broker_passthrough(
         warmup,
         window,
         tick,
+        read_coalesce,
     } = offer;
     let stream = subscriber(broker, &format!("bench-base-sub-{tag}")).await?;
+    // As silverguard's heartbeat connections read (`mqtt.read_coalesce_bytes` is 32 KiB).
+    let coalescing = if read_coalesce.is_zero() {
+        None
+    } else {
+        Some(
+            raw::Coalescing::start(&stream, read_coalesce, 32 * 1024)
+                .map_err(|e| BenchError::Mqtt(format!("bench-base-sub-{tag}: SO_RCVLOWAT: {e}")))?,
+        )
+    };
     let received = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     // The counter is spawned: if the load cannot start, it must not stay subscribed and
@@ -287,9 +299,18 @@ pub async fn broker_passthrough(
             let mut rbuf = BytesMut::with_capacity(256 * 1024);
             let mut wbuf = BytesMut::with_capacity(16 * 1024);
             loop {
+                if rbuf.capacity() - rbuf.len() < 16 * 1024 {
+                    rbuf.reserve(256 * 1024);
+                }
+                let read = async {
+                    match &coalescing {
+                        Some(c) => c.read(&stream, &mut rbuf).await,
+                        None => stream.read_buf(&mut rbuf).await,
+                    }
+                };
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    r = stream.read_buf(&mut rbuf) => match r {
+                    r = read => match r {
                         Ok(0) | Err(_) => break,
                         Ok(_) => {}
                     },
@@ -449,6 +470,7 @@ pub async fn naive_bridge(
         warmup,
         window,
         tick,
+        ..
     } = offer;
     let db_err = |e: tokio_postgres::Error| BenchError::Db(format!("naive bridge: {e}"));
     db.batch_execute(&same_shape_table_sql("naive_heartbeats"))

@@ -143,6 +143,10 @@ pub struct BenchConfig {
     /// Rate offered to the broker baseline: far above what it passes, so that it shows its
     /// ceiling (what the bench could not publish is counted, not hidden).
     pub broker_rate: f64,
+    /// How the broker baseline's subscriber coalesces its reads ([`raw::Coalescing`]):
+    /// the longest wait, as silverguard's `mqtt.read_coalesce`; zero reads every message as
+    /// it arrives.
+    pub baseline_read_coalesce: Duration,
     /// Rate offered to the naive bridge.
     pub naive_rate: f64,
     /// Rows `psql \copy` loads in the COPY baseline.
@@ -189,6 +193,7 @@ impl BenchConfig {
             baselines: baselines::Which::default(),
             baseline_window: Duration::from_secs(10),
             broker_rate: 400_000.0,
+            baseline_read_coalesce: Duration::from_millis(5),
             naive_rate: 5_000.0,
             copy_rows: 1_000_000,
             markers_per_s: 100.0,
@@ -638,9 +643,17 @@ async fn run_baselines(x: &Ctx<'_>, load_ids: &[String], name: &str) -> baseline
     let warmup = Duration::from_secs(2);
     if cfg.baselines.broker {
         p.say(format!(
-            "baseline: broker pass-through, {:.0} hb/s offered for {:.0}s",
+            "baseline: broker pass-through, {:.0} hb/s offered for {:.0}s, the bare subscriber {}",
             cfg.broker_rate,
-            cfg.baseline_window.as_secs_f64()
+            cfg.baseline_window.as_secs_f64(),
+            if cfg.baseline_read_coalesce.is_zero() {
+                "reading every message as it arrives".to_string()
+            } else {
+                format!(
+                    "coalescing its reads as silverguard does ({} ms)",
+                    cfg.baseline_read_coalesce.as_millis()
+                )
+            }
         ));
         let offer = baselines::Offer {
             devices: load_ids.to_vec(),
@@ -649,6 +662,7 @@ async fn run_baselines(x: &Ctx<'_>, load_ids: &[String], name: &str) -> baseline
             warmup,
             window: cfg.baseline_window,
             tick: cfg.publish_tick,
+            read_coalesce: cfg.baseline_read_coalesce,
         };
         if let Some(b) = backlog {
             b.take_max();
@@ -712,6 +726,8 @@ async fn run_baselines(x: &Ctx<'_>, load_ids: &[String], name: &str) -> baseline
             warmup,
             window: cfg.baseline_window,
             tick: cfg.publish_tick,
+            // One INSERT a message is its limit, not how it reads.
+            read_coalesce: Duration::ZERO,
         };
         match baselines::naive_bridge(broker, client, offer, tag).await {
             Ok(b) => {
@@ -859,6 +875,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             .collect(),
         db_sql: cfg.db_sql.clone(),
         instances: cfg.instances,
+        baseline_read_coalesce_ms: cfg.baseline_read_coalesce.as_secs_f64() * 1000.0,
         ..report::Settings::default()
     };
 

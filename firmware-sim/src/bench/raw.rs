@@ -257,6 +257,69 @@ pub async fn subscribe(stream: &mut TcpStream, filter: &str, timeout: Duration) 
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no SUBACK"))?
 }
 
+/// Read coalescing as silverguard's heartbeat connections do it (`mqtt.read_coalesce`,
+/// src/ingest/session.rs): the kernel wakes the reader only once `bytes` are waiting
+/// (`SO_RCVLOWAT`), and the reader looks anyway every `wait`. The broker baseline's subscriber
+/// reads this way so that the broker's limit is measured for a consumer that costs it what
+/// silverguard does: without it, each of the broker's writes wakes the subscriber, which is
+/// work on the broker's thread that silverguard no longer asks of it.
+pub struct Coalescing {
+    wait: Duration,
+}
+
+impl Coalescing {
+    pub fn start(stream: &TcpStream, wait: Duration, bytes: u32) -> io::Result<Coalescing> {
+        use std::os::fd::AsRawFd;
+        let value = bytes.min(i32::MAX as u32) as libc::c_int;
+        // SAFETY: the descriptor is borrowed from a live socket, and the option value is a
+        // c_int of the length passed, as SO_RCVLOWAT expects.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Coalescing { wait })
+    }
+
+    /// Waits for the kernel's wake-up or `wait`, then reads what there is; 0 only at the end
+    /// of the stream.
+    pub async fn read(&self, stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            let woken = tokio::select! {
+                biased;
+                r = stream.readable() => { r?; true }
+                _ = tokio::time::sleep(self.wait) => false,
+            };
+            let read = if woken {
+                stream.try_io(tokio::io::Interest::READABLE, || read_now(stream, buf))
+            } else {
+                read_now(stream, buf)
+            };
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+fn read_now(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        buf.reserve(64 * 1024);
+    }
+    let n = socket2::SockRef::from(stream).recv(buf.spare_capacity_mut())?;
+    // SAFETY: recv initialised the first n bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

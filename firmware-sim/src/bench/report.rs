@@ -59,6 +59,9 @@ pub struct Settings {
     pub db_sql: Vec<String>,
     /// `silverguard serve` processes sharing the stream (`--instances`).
     pub instances: usize,
+    /// How the broker baseline's bare subscriber coalesced its reads, in ms (0: it read
+    /// every message as it arrived; `--baseline-read-coalesce`).
+    pub baseline_read_coalesce_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
