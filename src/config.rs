@@ -119,9 +119,10 @@ pub struct MqttSettings {
     pub max_packet_bytes: u32,
     /// Read coalescing on the heartbeat connections (plain TCP only): the socket wakes the
     /// reader only once `read_coalesce_bytes` are waiting, and the reader looks anyway after
-    /// this long. Spares the single-threaded broker a wake-up of silverguard for nearly every
-    /// message it writes (docs/performance.md, "tenth round"); costs a message at most this
-    /// much delay. `0s` turns it off. The event connection (SOS) always reads at once.
+    /// this long after it finished handling the previous read. Spares silverguard a wake-up
+    /// for nearly every message the broker writes (docs/performance.md, "tenth round"); a
+    /// message may wait about this long in the kernel, and an idle connection looks this
+    /// often. `0s` turns it off. The event connection (SOS) always reads at once.
     #[serde(with = "humantime_serde")]
     pub read_coalesce: Duration,
     /// How many bytes wake the reader of a heartbeat connection (`SO_RCVLOWAT`) when

@@ -90,6 +90,8 @@ impl ReadHalf {
 /// the broker's limit is measured for a consumer that costs it what silverguard does.
 struct Coalescing {
     wait: Duration,
+    /// `recv` calls made, with data or without: what an idle connection costs (tests).
+    attempts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Coalescing {
@@ -116,7 +118,10 @@ impl Coalescing {
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Coalescing { wait })
+        Ok(Coalescing {
+            wait,
+            attempts: Default::default(),
+        })
     }
 
     /// Waits until the kernel says enough is there or `wait` has passed, then reads what
@@ -132,6 +137,8 @@ impl Coalescing {
                 r = stream.readable() => { r?; true }
                 _ = tokio::time::sleep(self.wait) => false,
             };
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // After a wake-up, through tokio so that an empty read clears its readiness;
             // after the timer, straight to the socket: tokio has seen no readiness to check.
             let read = if woken {
@@ -153,7 +160,10 @@ fn read_now(stream: &tokio::net::TcpStream, buf: &mut BytesMut) -> std::io::Resu
     if buf.capacity() == buf.len() {
         buf.reserve(READ_CHUNK);
     }
-    let n = socket2::SockRef::from(stream).recv(buf.spare_capacity_mut())?;
+    // MSG_DONTWAIT: below the low-water mark Linux returns what is there, but the BSDs
+    // refuse a plain recv on a non-blocking socket until the mark is reached.
+    let n = socket2::SockRef::from(stream)
+        .recv_with_flags(buf.spare_capacity_mut(), libc::MSG_DONTWAIT)?;
     // SAFETY: recv initialised the first n bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
@@ -989,6 +999,56 @@ mod coalescing_tests {
         writer.await.unwrap();
         assert_eq!(buf.len(), sent.len());
         assert!(buf[..] == sent[..], "bytes arrive whole and in order");
+    }
+
+    #[tokio::test]
+    async fn a_connection_set_to_coalesce_reads_through_the_mark_and_does_not_spin() {
+        let (mut broker, reader) = pair().await;
+        let (half, _write_half) = reader.into_split();
+        let mut rd = ReadHalf::Tcp {
+            half,
+            coalescing: None,
+        };
+        rd.coalesce(Some((Duration::from_millis(5), 4096)));
+        let ReadHalf::Tcp {
+            coalescing: Some(c),
+            ..
+        } = &rd
+        else {
+            panic!("a plain TCP connection must coalesce when asked to");
+        };
+        let attempts = c.attempts.clone();
+        // The reader runs on a thread of its own, so that one that spins fails this test
+        // instead of hanging it: it reads past the mark (the kernel's wake-up, through the
+        // session's own dispatch), then sits 200 ms on a silent connection.
+        let reader = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut buf = BytesMut::new();
+                while buf.len() < 5000 {
+                    if rd.read_buf(&mut buf).await.unwrap() == 0 {
+                        break;
+                    }
+                }
+                let idle =
+                    tokio::time::timeout(Duration::from_millis(200), rd.read_buf(&mut buf)).await;
+                (buf.len(), idle.is_err())
+            })
+        });
+        broker.write_all(&[1u8; 5000]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let looks = attempts.load(std::sync::atomic::Ordering::Relaxed);
+        // About 40 looks in 200 ms of silence, a few for the data.
+        assert!(
+            looks <= 100,
+            "{looks} reads: the reader spins on stale readiness"
+        );
+        let (read, stayed_idle) = reader.join().unwrap();
+        assert_eq!(read, 5000);
+        assert!(stayed_idle, "nothing more was sent");
     }
 
     #[tokio::test]

@@ -314,7 +314,9 @@ fn read_now(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() == buf.len() {
         buf.reserve(64 * 1024);
     }
-    let n = socket2::SockRef::from(stream).recv(buf.spare_capacity_mut())?;
+    // MSG_DONTWAIT: the BSDs refuse a plain non-blocking recv below the low-water mark.
+    let n = socket2::SockRef::from(stream)
+        .recv_with_flags(buf.spare_capacity_mut(), libc::MSG_DONTWAIT)?;
     // SAFETY: recv initialised the first n bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
