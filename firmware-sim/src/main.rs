@@ -338,6 +338,12 @@ struct BenchArgs {
     /// ticks mean fewer, larger writes: less CPU per message for the bench and the broker.
     #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
     publish_tick: Duration,
+    /// How long each load connection lets the broker's PUBACKs wait before it reads them
+    /// (SO_RCVLOWAT 32 KiB and a look every so often): one wake-up of the bench per PUBACK
+    /// costs the bench and the broker CPU a real fleet would not take from this machine.
+    /// 0s reads each as it arrives.
+    #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+    ack_read_coalesce: Duration,
     /// How often the bench looks for its markers: the lag figures' resolution.
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     lag_poll: Duration,
@@ -397,6 +403,7 @@ impl BenchArgs {
             copy_rows: self.copy_rows,
             markers_per_s: self.markers_per_s,
             publish_tick: self.publish_tick,
+            ack_read_coalesce: self.ack_read_coalesce,
             lag_poll: self.lag_poll,
             db_sql: self.db_sql.clone(),
             ..base

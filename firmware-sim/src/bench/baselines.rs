@@ -258,6 +258,9 @@ pub struct Offer {
     pub tick: Duration,
     /// How the broker baseline's subscriber coalesces its reads (zero: it does not).
     pub read_coalesce: Duration,
+    /// How the publishers read the broker's PUBACKs, as in the load
+    /// ([`LoadSettings::ack_read_coalesce`]).
+    pub ack_read_coalesce: Duration,
 }
 
 /// Broker pass-through: flood the broker with the load, count what a bare subscriber gets.
@@ -275,6 +278,7 @@ pub async fn broker_passthrough(
         window,
         tick,
         read_coalesce,
+        ack_read_coalesce,
     } = offer;
     let stream = subscriber(broker, &format!("bench-base-sub-{tag}")).await?;
     // As silverguard's heartbeat connections read (`mqtt.read_coalesce_bytes` is 32 KiB).
@@ -350,6 +354,7 @@ pub async fn broker_passthrough(
             client_prefix: format!("bench-base-pub-{tag}"),
             markers_per_s: 0.0,
             tick,
+            ack_read_coalesce,
         },
         None,
     )
@@ -470,6 +475,7 @@ pub async fn naive_bridge(
         warmup,
         window,
         tick,
+        ack_read_coalesce,
         ..
     } = offer;
     let db_err = |e: tokio_postgres::Error| BenchError::Db(format!("naive bridge: {e}"));
@@ -554,6 +560,7 @@ pub async fn naive_bridge(
                 client_prefix: format!("bench-naive-pub-{tag}"),
                 markers_per_s: 0.0,
                 tick,
+                ack_read_coalesce,
             },
             None,
         )

@@ -26,6 +26,8 @@ pub struct ConnCounters {
     pub published: AtomicU64,
     /// PUBACKs received.
     pub acked: AtomicU64,
+    /// Reads that brought PUBACKs in (the load's own client only; [`super::load`]).
+    pub ack_reads: AtomicU64,
     /// Publishes the client refused (its event loop was gone).
     pub publish_errors: AtomicU64,
     /// Connection errors after the first connect (each followed by a reconnect).

@@ -61,6 +61,10 @@ pub struct LoadSettings {
     /// Longer ticks mean fewer, larger writes: less CPU for the bench and the broker per
     /// message, burstier arrivals (docs/performance.md).
     pub tick: Duration,
+    /// How long a connection lets the broker's PUBACKs wait before it reads them
+    /// ([`raw::Coalescing`], with a 32 KiB mark); zero reads each as it arrives. Each PUBACK
+    /// the broker writes would otherwise wake the bench, at the broker's expense and its own.
+    pub ack_read_coalesce: Duration,
 }
 
 /// One simulated bracelet inside a connection's publisher.
@@ -130,10 +134,20 @@ impl Load {
         let mut publishers = Vec::new();
         let mut readers = Vec::new();
         for (devices, stream) in groups.into_iter().zip(streams) {
+            let coalescing = if s.ack_read_coalesce.is_zero() {
+                None
+            } else {
+                Some(
+                    raw::Coalescing::start(&stream, s.ack_read_coalesce, 32 * 1024).map_err(
+                        |e| BenchError::Mqtt(format!("cannot coalesce the PUBACK reads: {e}")),
+                    )?,
+                )
+            };
             let (rd, wr) = stream.into_split();
             let inflight = Arc::new(AtomicU64::new(0));
             readers.push(tokio::spawn(read_acks(
                 rd,
+                coalescing,
                 inflight.clone(),
                 counters.clone(),
             )));
@@ -204,10 +218,19 @@ impl Load {
 }
 
 /// Counts PUBACKs (and whatever else the broker sends, which is nothing but PINGRESP).
-async fn read_acks(mut rd: OwnedReadHalf, inflight: Arc<AtomicU64>, counters: Arc<ConnCounters>) {
+async fn read_acks(
+    mut rd: OwnedReadHalf,
+    coalescing: Option<raw::Coalescing>,
+    inflight: Arc<AtomicU64>,
+    counters: Arc<ConnCounters>,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
-        match rd.read_buf(&mut buf).await {
+        let read = match &coalescing {
+            Some(c) => c.read(rd.as_ref(), &mut buf).await,
+            None => rd.read_buf(&mut buf).await,
+        };
+        match read {
             Ok(0) | Err(_) => {
                 if inflight.load(Ordering::Relaxed) > 0 {
                     counters.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -232,6 +255,7 @@ async fn read_acks(mut rd: OwnedReadHalf, inflight: Arc<AtomicU64>, counters: Ar
         if acks > 0 {
             inflight.fetch_sub(acks, Ordering::Relaxed);
             counters.acked.fetch_add(acks, Ordering::Relaxed);
+            counters.ack_reads.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -347,4 +371,116 @@ async fn publish_loop(mut p: Publisher) {
     raw::encode_disconnect(&mut buf);
     let _ = p.wr.write_all(&buf).await;
     let _ = p.wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A broker that answers as Mosquitto does where it matters here: each PUBACK with a
+    /// `write` of its own, as soon as it has read the PUBLISH. It runs on a thread of its own
+    /// so that its writes reach a reader that is parked, as they do on a real machine.
+    fn acking_broker() -> (u16, std::thread::JoinHandle<()>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let handle = std::thread::spawn(move || {
+            let Ok((mut sock, _)) = listener.accept() else {
+                return;
+            };
+            let _ = sock.set_nodelay(true);
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            let mut chunk = [0u8; 64 * 1024];
+            loop {
+                let n = match sock.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                buf.extend_from_slice(&chunk[..n]);
+                while let Ok(Some((first, header, len))) = raw::peek_frame(&buf) {
+                    let frame = buf.split_to(header + len);
+                    let mut out = BytesMut::new();
+                    match first >> 4 {
+                        1 => out.extend_from_slice(&[0x20, 2, 0, 0]),
+                        raw::PUBLISH => {
+                            let Ok(p) = raw::parse_publish(first, &frame[header..]) else {
+                                return;
+                            };
+                            raw::encode_puback(&mut out, p.pkid);
+                        }
+                        14 => return,
+                        _ => {}
+                    }
+                    if !out.is_empty() && sock.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (port, handle)
+    }
+
+    async fn offer(ack_read_coalesce: Duration) -> (u64, u64, u64) {
+        let (port, broker) = acking_broker();
+        let load = Load::start(
+            LoadSettings {
+                broker: BrokerAddr {
+                    host: "127.0.0.1".into(),
+                    port,
+                    credentials: None,
+                },
+                devices: (0..50).map(|i| format!("t{i}")).collect(),
+                connections: 1,
+                // A message a millisecond: without coalescing, each PUBACK comes alone.
+                rate: 1_000.0,
+                seed: 1,
+                client_prefix: "load-test".into(),
+                markers_per_s: 0.0,
+                tick: Duration::from_millis(1),
+                ack_read_coalesce,
+            },
+            None,
+        )
+        .await
+        .expect("load starts");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        load.set_rate(0.0);
+        assert!(
+            load.wait_acked(Duration::from_secs(10)).await,
+            "every PUBACK is read: {} published, {} acked",
+            load.counters.published(),
+            load.counters.acked()
+        );
+        let c = load.counters.clone();
+        load.stop(Duration::from_secs(5)).await;
+        let _ = tokio::task::spawn_blocking(move || broker.join()).await;
+        (
+            c.published(),
+            c.acked(),
+            c.ack_reads.load(Ordering::Relaxed),
+        )
+    }
+
+    // Two runtime threads, as the bench has in CI: the reader must be parked when a PUBACK
+    // comes for the kernel's wake-up (or its absence) to be what is tested.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coalesced_puback_reads_count_every_ack_in_few_reads() {
+        let (published, acked, reads) = offer(Duration::from_millis(5)).await;
+        assert!(published > 500, "the load ran: {published}");
+        assert_eq!(acked, published);
+        eprintln!("coalesced: {reads} reads for {acked} PUBACKs");
+        // About one read per 5 ms, five PUBACKs each; one read a PUBACK without coalescing.
+        assert!(
+            reads * 3 < acked,
+            "{reads} reads for {acked} PUBACKs: the reads were not coalesced"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uncoalesced_puback_reads_count_every_ack() {
+        let (published, acked, reads) = offer(Duration::ZERO).await;
+        assert!(published > 500, "the load ran: {published}");
+        assert_eq!(acked, published);
+        eprintln!("uncoalesced: {reads} reads for {acked} PUBACKs");
+    }
 }

@@ -155,6 +155,9 @@ pub struct BenchConfig {
     pub markers_per_s: f64,
     /// Each load connection writes what is due at most this often ([`load`]).
     pub publish_tick: Duration,
+    /// How long each load connection lets the broker's PUBACKs wait before it reads them
+    /// ([`load::LoadSettings::ack_read_coalesce`]); zero reads each as it arrives.
+    pub ack_read_coalesce: Duration,
     /// How often the lag tracker looks for its markers (the lag figures' resolution).
     pub lag_poll: Duration,
     /// SQL run on the bench database after `silverguard migrate`, before the service starts
@@ -198,6 +201,7 @@ impl BenchConfig {
             copy_rows: 1_000_000,
             markers_per_s: 100.0,
             publish_tick: Duration::from_millis(1),
+            ack_read_coalesce: Duration::from_millis(5),
             lag_poll: Duration::from_millis(20),
             db_sql: Vec::new(),
             cancel: CancellationToken::new(),
@@ -268,6 +272,11 @@ impl BenchConfig {
         }
         if self.publish_tick.is_zero() || self.publish_tick > Duration::from_millis(50) {
             p.push("--publish-tick must be between 1ms and 50ms".into());
+        }
+        // Unread PUBACKs hold the publishers' window (2,000 a connection): 50 ms of a
+        // connection's share of the broker flood stays well inside it.
+        if self.ack_read_coalesce > Duration::from_millis(50) {
+            p.push("--ack-read-coalesce must be at most 50ms".into());
         }
         if self.markers_per_s < 0.0 || self.lag_poll.is_zero() {
             p.push("--markers-per-s must be >= 0 and --lag-poll above 0".to_string());
@@ -663,6 +672,7 @@ async fn run_baselines(x: &Ctx<'_>, load_ids: &[String], name: &str) -> baseline
             window: cfg.baseline_window,
             tick: cfg.publish_tick,
             read_coalesce: cfg.baseline_read_coalesce,
+            ack_read_coalesce: cfg.ack_read_coalesce,
         };
         if let Some(b) = backlog {
             b.take_max();
@@ -728,6 +738,7 @@ async fn run_baselines(x: &Ctx<'_>, load_ids: &[String], name: &str) -> baseline
             tick: cfg.publish_tick,
             // One INSERT a message is its limit, not how it reads.
             read_coalesce: Duration::ZERO,
+            ack_read_coalesce: cfg.ack_read_coalesce,
         };
         match baselines::naive_bridge(broker, client, offer, tag).await {
             Ok(b) => {
@@ -876,6 +887,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         db_sql: cfg.db_sql.clone(),
         instances: cfg.instances,
         baseline_read_coalesce_ms: cfg.baseline_read_coalesce.as_secs_f64() * 1000.0,
+        ack_read_coalesce_ms: cfg.ack_read_coalesce.as_secs_f64() * 1000.0,
         ..report::Settings::default()
     };
 
@@ -932,6 +944,7 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
             client_prefix: format!("bench-hb-{tag}"),
             markers_per_s: cfg.markers_per_s,
             tick: cfg.publish_tick,
+            ack_read_coalesce: cfg.ack_read_coalesce,
         },
         Some(lag.tx.clone()),
     )

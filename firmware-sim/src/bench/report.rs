@@ -62,6 +62,9 @@ pub struct Settings {
     /// How the broker baseline's bare subscriber coalesced its reads, in ms (0: it read
     /// every message as it arrived; `--baseline-read-coalesce`).
     pub baseline_read_coalesce_ms: f64,
+    /// How long the load's publishers let the broker's PUBACKs wait before reading them
+    /// (0: each read as it arrives, as every run before `--ack-read-coalesce` did).
+    pub ack_read_coalesce_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
