@@ -208,6 +208,9 @@ pub struct NaiveBaseline {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Baselines {
     pub broker: Option<BrokerBaseline>,
+    /// The broker measured again after a ramp, once the service had stopped: the same
+    /// flood and probes. The ratio uses the higher of the two limits.
+    pub broker_after: Option<BrokerBaseline>,
     pub copy: Option<CopyBaseline>,
     pub naive: Option<NaiveBaseline>,
     /// Baselines that could not run, and why.

@@ -277,6 +277,21 @@ pub struct Ratios {
     pub vs_naive: Option<f64>,
     /// Against the slower of the broker and COPY limits (issue 5: ≥ 0.8).
     pub vs_slower_limit: Option<f64>,
+    /// The broker's limit measured after the ramp over the one measured before it, minus 1
+    /// (`baselines.broker_after`): how much the machine's speed moved during the run.
+    /// `vs_broker` uses the higher of the two.
+    pub broker_limit_change: Option<f64>,
+}
+
+/// Beyond this change of the broker's limit between before and after the ramp, the report
+/// says the machine's speed moved and the ratio is uncertain.
+pub const BROKER_LIMIT_CHANGE_WARN: f64 = 0.10;
+
+impl Ratios {
+    /// Silverguard's best sustained rate over `limit` (None for no limit).
+    fn silverguard_per_s_over(&self, limit: f64) -> Option<f64> {
+        (limit > 0.0).then(|| self.silverguard_per_s / limit)
+    }
 }
 
 /// Issue 5's targets that one run can judge (`None`: this run does not show it).
@@ -427,7 +442,13 @@ impl BenchReport {
         let best = self.sustained_max(|s| s.committed_per_s);
         let b = &self.baselines;
         let ratio = |limit: Option<f64>| limit.filter(|l| *l > 0.0).map(|l| best / l);
-        let broker = b.broker.as_ref().map(|x| x.limit_per_s);
+        let before = b.broker.as_ref().map(|x| x.limit_per_s);
+        let after = b.broker_after.as_ref().map(|x| x.limit_per_s);
+        // The higher of the two: the stricter ratio.
+        let broker = match (before, after) {
+            (Some(a), Some(z)) => Some(a.max(z)),
+            (a, z) => a.or(z),
+        };
         let copy = b.copy.as_ref().map(|x| x.rows_per_s);
         let slower = match (broker, copy) {
             (Some(a), Some(c)) => Some(a.min(c)),
@@ -439,6 +460,10 @@ impl BenchReport {
             vs_copy: ratio(copy),
             vs_naive: ratio(b.naive.as_ref().map(|x| x.committed_per_s)),
             vs_slower_limit: ratio(slower),
+            broker_limit_change: before
+                .zip(after)
+                .filter(|(a, _)| *a > 0.0)
+                .map(|(a, z)| z / a - 1.0),
         };
         let mut t = Targets5 {
             ratio_80_percent: self.ratios.vs_slower_limit.map(|r| r >= 0.8),
@@ -817,7 +842,7 @@ impl BenchReport {
                      received {:.0}/s, bench published {:.0}/s, mosquitto {} of a core, bench {}; \
                      best fixed-rate probe {})",
                     x.limit_per_s,
-                    ratio(r.vs_broker),
+                    ratio(r.silverguard_per_s_over(x.limit_per_s)),
                     x.offered_per_s,
                     x.received_per_s,
                     x.published_per_s,
@@ -826,6 +851,39 @@ impl BenchReport {
                     x.sustained_per_s
                         .map_or("none held".into(), |v| format!("{v:.0}/s"))
                 );
+            }
+            if let Some(x) = &b.broker_after {
+                let _ = writeln!(
+                    o,
+                    "  the same, again after the ramp        {:>8.0}   {}   (flooded: received \
+                     {:.0}/s, mosquitto {} of a core; best fixed-rate probe {})",
+                    x.limit_per_s,
+                    ratio(r.silverguard_per_s_over(x.limit_per_s)),
+                    x.received_per_s,
+                    pct(x.broker_cpu_percent),
+                    x.sustained_per_s
+                        .map_or("none held".into(), |v| format!("{v:.0}/s"))
+                );
+                if let Some(c) = r.broker_limit_change {
+                    let _ = writeln!(
+                        o,
+                        "  {}",
+                        if c.abs() > BROKER_LIMIT_CHANGE_WARN {
+                            format!(
+                                "the broker's limit moved {:+.0} % during the run: the machine's \
+                                 speed changed, and the ratio (against the higher) is uncertain; \
+                                 rerun for a steadier figure",
+                                c * 100.0
+                            )
+                        } else {
+                            format!(
+                                "the broker's limit moved {:+.0} % during the run; the ratio is \
+                                 against the higher",
+                                c * 100.0
+                            )
+                        }
+                    );
+                }
             }
             if let Some(x) = &b.copy {
                 let _ = writeln!(
@@ -1039,6 +1097,40 @@ mod tests {
             "{:?}",
             r.failures
         );
+    }
+
+    #[test]
+    fn the_broker_ratio_is_against_the_higher_limit_of_before_and_after() {
+        let broker = |limit_per_s: f64| crate::bench::baselines::BrokerBaseline {
+            received_per_s: limit_per_s,
+            limit_per_s,
+            ..crate::bench::baselines::BrokerBaseline::default()
+        };
+        let mut r = report(100.0, 40_000.0, 0);
+        r.steps = vec![ramp_step(44_000.0, 44_000.0, 0)];
+        r.baselines.broker = Some(broker(50_000.0));
+        r.judge();
+        assert_eq!(r.ratios.vs_slower_limit, Some(0.88));
+        assert_eq!(r.ratios.broker_limit_change, None);
+        // The machine was slower by the end: the earlier, higher limit still counts.
+        r.baselines.broker_after = Some(broker(40_000.0));
+        r.judge();
+        assert_eq!(r.ratios.vs_slower_limit, Some(0.88));
+        let change = r.ratios.broker_limit_change.unwrap_or(0.0);
+        assert!((change + 0.2).abs() < 1e-9, "{change}");
+        assert!(r
+            .table()
+            .contains("moved -20 % during the run: the machine's speed changed"));
+        // Faster by the end: the later limit counts, and the target is missed.
+        r.baselines.broker_after = Some(broker(56_000.0));
+        r.judge();
+        assert_eq!(r.ratios.vs_slower_limit, Some(44_000.0 / 56_000.0));
+        assert_eq!(r.targets5.ratio_80_percent, Some(false));
+        // Only the later one (the first could not run).
+        r.baselines.broker = None;
+        r.judge();
+        assert_eq!(r.ratios.vs_slower_limit, Some(44_000.0 / 56_000.0));
+        assert_eq!(r.ratios.broker_limit_change, None);
     }
 
     #[test]
