@@ -68,10 +68,17 @@ def main():
     for key, field, color, what in lines:
         # Reports written before the broker's fixed-rate probes have only the flood's figure.
         v = (b.get(key) or {}).get(field) or (b.get(key) or {}).get("received_per_s" if key == "broker" else field)
-        if key == "broker" and (b.get("broker_after") or {}).get(field):
-            # Measured again after the ramp (eleventh round): the ratio uses the higher.
-            v = max(v or 0, b["broker_after"][field])
-            what += ", higher of before/after"
+        after = b.get("broker_after") or {}
+        if key == "broker" and after.get(field):
+            # Measured again after the ramp (eleventh round): the ratio uses the higher of two
+            # limits of the same kind, else the one a probe held (report.rs, broker_limit).
+            before = b.get("broker") or {}
+            if not before:
+                v, what = after[field], what + ", after the ramp"
+            elif before.get("limit_held") == after.get("limit_held"):
+                v, what = max(v or 0, after[field]), what + ", higher of before/after"
+            elif after.get("limit_held"):
+                v, what = after[field], what + ", after the ramp"
         if v:
             top.axhline(v / 1000, color=color, ls="--", label=f"{what}: {v / 1000:.1f}k/s")
     top.set_ylabel("heartbeats/s (thousands)")

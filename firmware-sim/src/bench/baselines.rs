@@ -110,6 +110,9 @@ pub struct BrokerBaseline {
     /// the broker kept up, and the flood's figure is what it passes while queueing. Without:
     /// the larger of the flood's `received_per_s` and `sustained_per_s`.
     pub limit_per_s: f64,
+    /// `limit_per_s` is a probe that held with the broker's backlog judged, not the flood's
+    /// figure: only two limits of the same kind are compared (`broker_after`).
+    pub limit_held: bool,
 }
 
 /// One fixed-rate step of the broker baseline.

@@ -37,7 +37,11 @@ use crate::{now_unix_ms, topics, BrokerAddr};
 /// QoS 1 messages in flight per connection (published, PUBACK not yet read). Mosquitto
 /// acknowledges a QoS 1 PUBLISH as soon as it has it, so on localhost a window of this size
 /// never paces the publisher; it bounds what a stalled broker can make the bench buffer.
-const INFLIGHT: u64 = 2000;
+pub const INFLIGHT: u64 = 2000;
+/// The kernel wakes a coalescing PUBACK reader early once this much is waiting: about a
+/// thousand PUBACKs, half the window, so unread acknowledgements never pace the publisher.
+/// At the bench's rates the look every `ack_read_coalesce` comes first.
+const ACK_READ_MARK: u32 = 4096;
 /// Burst the token bucket allows: 50 ms of the connection's rate (timer wake-ups are late by
 /// a millisecond or two; a burst that small does not distort the offered rate).
 const BURST: Duration = Duration::from_millis(50);
@@ -62,7 +66,8 @@ pub struct LoadSettings {
     /// message, burstier arrivals (docs/performance.md).
     pub tick: Duration,
     /// How long a connection lets the broker's PUBACKs wait before it reads them
-    /// ([`raw::Coalescing`], with a 32 KiB mark); zero reads each as it arrives. Each PUBACK
+    /// ([`raw::Coalescing`], with a mark of a thousand PUBACKs); zero reads each as it
+    /// arrives. Each PUBACK
     /// the broker writes would otherwise wake the bench, at the broker's expense and its own.
     pub ack_read_coalesce: Duration,
 }
@@ -102,6 +107,8 @@ impl Load {
             )));
         }
         let mut streams = Vec::with_capacity(s.connections);
+        // Connected and set up before any task starts: a failure leaves nothing running.
+        let mut coalescings = Vec::with_capacity(s.connections);
         for i in 0..s.connections {
             let id = format!("{}-{i}", s.client_prefix);
             let stream = raw::connect(&s.broker, &id, true, 60, Duration::from_secs(15))
@@ -112,6 +119,17 @@ impl Load {
                         s.broker.host, s.broker.port
                     ))
                 })?;
+            coalescings.push(if s.ack_read_coalesce.is_zero() {
+                None
+            } else {
+                Some(
+                    raw::Coalescing::start(&stream, s.ack_read_coalesce, ACK_READ_MARK).map_err(
+                        |e| {
+                            BenchError::Mqtt(format!("{id}: cannot coalesce the PUBACK reads: {e}"))
+                        },
+                    )?,
+                )
+            });
             streams.push(stream);
         }
 
@@ -133,16 +151,7 @@ impl Load {
             .then(|| Duration::from_secs_f64(s.connections as f64 / s.markers_per_s));
         let mut publishers = Vec::new();
         let mut readers = Vec::new();
-        for (devices, stream) in groups.into_iter().zip(streams) {
-            let coalescing = if s.ack_read_coalesce.is_zero() {
-                None
-            } else {
-                Some(
-                    raw::Coalescing::start(&stream, s.ack_read_coalesce, 32 * 1024).map_err(
-                        |e| BenchError::Mqtt(format!("cannot coalesce the PUBACK reads: {e}")),
-                    )?,
-                )
-            };
+        for ((devices, stream), coalescing) in groups.into_iter().zip(streams).zip(coalescings) {
             let (rd, wr) = stream.into_split();
             let inflight = Arc::new(AtomicU64::new(0));
             readers.push(tokio::spawn(read_acks(
@@ -204,14 +213,23 @@ impl Load {
 
     /// Stops publishing, waits up to `ack_timeout` for the broker to acknowledge everything
     /// published, and disconnects.
-    pub async fn stop(self, ack_timeout: Duration) {
+    pub async fn stop(mut self, ack_timeout: Duration) {
         self.set_rate(0.0);
         self.wait_acked(ack_timeout).await;
         self.stop.cancel();
-        for p in self.publishers {
+        for p in std::mem::take(&mut self.publishers) {
             let _ = p.await;
         }
-        for r in self.readers {
+        // The readers go with the drop.
+    }
+}
+
+/// A load dropped without [`Load::stop`] (the run was interrupted) stops publishing at once:
+/// its tasks would otherwise go on flooding the broker for the rest of the process.
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for r in &self.readers {
             r.abort();
         }
     }

@@ -25,9 +25,10 @@
 //!    first step the service cannot keep up with; a step the broker carried only by queueing
 //!    (its backlog at the window's end more than a consumer's window) is not sustained, and
 //!    the broker baseline's probes are judged the same way.
-//! 7. After a ramp, with the service stopped and its session forgotten: the broker baseline
-//!    once more, since the machine's speed can move within a run; the ratio uses the higher
-//!    of the two limits, and the report says how far they differ.
+//! 7. After a ramp (with the broker baseline asked for and the ramp measured), with the
+//!    service stopped and its session forgotten: the broker baseline once more, since the
+//!    machine's speed can move within a run; the ratio uses the higher of the two limits
+//!    when both are of the same kind, and the report says how far they differ.
 //! 8. Reports ([`report`]): per step and overall, committed heartbeats/s, ingest lag, SOS
 //!    latency (and where it goes, from database timestamps), CPU, RSS, rejects and losses,
 //!    the ratios to the limits, storage per heartbeat. A lost SOS or heartbeat fails the run.
@@ -276,8 +277,9 @@ impl BenchConfig {
         if self.publish_tick.is_zero() || self.publish_tick > Duration::from_millis(50) {
             p.push("--publish-tick must be between 1ms and 50ms".into());
         }
-        // Unread PUBACKs hold the publishers' window (2,000 a connection): 50 ms of a
-        // connection's share of the broker flood stays well inside it.
+        // Unread PUBACKs hold the publishers' window (load::INFLIGHT a connection); the
+        // kernel wakes the reader once half of it is waiting whatever the wait, which only
+        // bounds how late a trickle is read.
         if self.ack_read_coalesce > Duration::from_millis(50) {
             p.push("--ack-read-coalesce must be at most 50ms".into());
         }
@@ -603,6 +605,7 @@ async fn broker_probes(
         .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
     let judged = b.probes.iter().any(|x| x.broker_kept_up.is_some());
     b.limit_per_s = broker_limit(b, judged);
+    b.limit_held = judged && b.sustained_per_s.is_some();
     p.say(format!(
         "baseline: broker limit {:.0}/s (flooded {:.0}/s, best fixed-rate probe {})",
         b.limit_per_s,

@@ -262,7 +262,8 @@ pub async fn subscribe(stream: &mut TcpStream, filter: &str, timeout: Duration) 
 /// (`SO_RCVLOWAT`), and the reader looks anyway every `wait`. The broker baseline's subscriber
 /// reads this way so that the broker's limit is measured for a consumer that costs it what
 /// silverguard does: without it, each of the broker's writes wakes the subscriber, which is
-/// work on the broker's thread that silverguard no longer asks of it.
+/// work on the broker's thread that silverguard no longer asks of it. The load's publishers
+/// read their PUBACKs this way too ([`super::load`]), for the same reason.
 pub struct Coalescing {
     wait: Duration,
 }
