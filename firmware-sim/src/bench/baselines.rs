@@ -212,7 +212,8 @@ pub struct NaiveBaseline {
 pub struct Baselines {
     pub broker: Option<BrokerBaseline>,
     /// The broker measured again after a ramp, once the service had stopped: the same
-    /// flood and probes. The ratio uses the higher of the two limits.
+    /// flood and probes. The ratio uses the higher of the two limits when both are of the
+    /// same kind ([`BrokerBaseline::limit_held`]), else the one a probe held.
     pub broker_after: Option<BrokerBaseline>,
     pub copy: Option<CopyBaseline>,
     pub naive: Option<NaiveBaseline>,

@@ -37,7 +37,7 @@ use crate::{now_unix_ms, topics, BrokerAddr};
 /// QoS 1 messages in flight per connection (published, PUBACK not yet read). Mosquitto
 /// acknowledges a QoS 1 PUBLISH as soon as it has it, so on localhost a window of this size
 /// never paces the publisher; it bounds what a stalled broker can make the bench buffer.
-pub const INFLIGHT: u64 = 2000;
+const INFLIGHT: u64 = 2000;
 /// The kernel wakes a coalescing PUBACK reader early once this much is waiting: about a
 /// thousand PUBACKs, half the window, so unread acknowledgements never pace the publisher.
 /// At the bench's rates the look every `ack_read_coalesce` comes first.
@@ -67,8 +67,8 @@ pub struct LoadSettings {
     pub tick: Duration,
     /// How long a connection lets the broker's PUBACKs wait before it reads them
     /// ([`raw::Coalescing`], with a mark of a thousand PUBACKs); zero reads each as it
-    /// arrives. Each PUBACK
-    /// the broker writes would otherwise wake the bench, at the broker's expense and its own.
+    /// arrives. Mosquitto writes each PUBACK on its own, and each would otherwise wake the
+    /// bench, at the broker's expense and its own.
     pub ack_read_coalesce: Duration,
 }
 

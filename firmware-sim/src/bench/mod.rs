@@ -277,7 +277,7 @@ impl BenchConfig {
         if self.publish_tick.is_zero() || self.publish_tick > Duration::from_millis(50) {
             p.push("--publish-tick must be between 1ms and 50ms".into());
         }
-        // Unread PUBACKs hold the publishers' window (load::INFLIGHT a connection); the
+        // Unread PUBACKs hold the publishers' window (2,000 a connection, load.rs); the
         // kernel wakes the reader once half of it is waiting whatever the wait, which only
         // bounds how late a trickle is read.
         if self.ack_read_coalesce > Duration::from_millis(50) {
@@ -661,6 +661,9 @@ fn fmt_count(n: Option<u64>) -> String {
     n.map_or("?".into(), |n| n.to_string())
 }
 
+/// Load before the measured window of the broker and naive-bridge baselines.
+const BASELINE_WARMUP: Duration = Duration::from_secs(2);
+
 /// The broker pass-through baseline: the flood, then the fixed-rate probes; with why the
 /// probes could not all run, if they could not. `when` is added to the progress lines (""
 /// before the service starts, " again" after it stopped).
@@ -694,7 +697,7 @@ async fn broker_baseline(
         devices: load_ids.to_vec(),
         connections: cfg.connections,
         rate: cfg.broker_rate,
-        warmup: Duration::from_secs(2),
+        warmup: BASELINE_WARMUP,
         window: cfg.baseline_window,
         tick: cfg.publish_tick,
         read_coalesce: cfg.baseline_read_coalesce,
@@ -736,7 +739,7 @@ async fn run_baselines(x: &Ctx<'_>, load_ids: &[String], name: &str) -> baseline
         ..
     } = *x;
     let mut out = baselines::Baselines::default();
-    let warmup = Duration::from_secs(2);
+    let warmup = BASELINE_WARMUP;
     if cfg.baselines.broker {
         match broker_baseline(x, load_ids, "").await {
             Ok((b, probes)) => {

@@ -278,8 +278,8 @@ pub struct Ratios {
     /// Against the slower of the broker and COPY limits (issue 5: ≥ 0.8).
     pub vs_slower_limit: Option<f64>,
     /// The broker's limit measured after the ramp over the one measured before it, minus 1
-    /// (`baselines.broker_after`): how much the machine's speed moved during the run.
-    /// `vs_broker` uses the higher of the two.
+    /// (`baselines.broker_after`): how much the machine's speed moved during the run. Only
+    /// for two limits of the same kind; `vs_broker` then uses the higher of the two.
     pub broker_limit_change: Option<f64>,
 }
 
@@ -871,6 +871,16 @@ impl BenchReport {
                     x.sustained_per_s
                         .map_or("none held".into(), |v| format!("{v:.0}/s"))
                 );
+                if b.broker
+                    .as_ref()
+                    .is_some_and(|a| a.limit_held != x.limit_held)
+                {
+                    let _ = writeln!(
+                        o,
+                        "  the two limits are of different kinds (a probe that held, and a \
+                         flood's figure): the ratio is against the probe's"
+                    );
+                }
                 if let Some(c) = r.broker_limit_change {
                     let _ = writeln!(
                         o,
@@ -1147,6 +1157,7 @@ mod tests {
         r.judge();
         assert_eq!(r.ratios.vs_slower_limit, Some(0.88));
         assert_eq!(r.ratios.broker_limit_change, None);
+        assert!(r.table().contains("the two limits are of different kinds"));
         // Only the later one (the first could not run).
         r.baselines.broker_after = Some(broker(56_000.0));
         r.baselines.broker = None;
