@@ -12,6 +12,9 @@
 #   BENCH_PG: "dedicated" (default) runs PostgreSQL cluster "silverguard-bench" on
 #   BENCH_PG_PORT (5442) with deploy/postgresql-silverguard.conf, the settings
 #   docs/deployment.md recommends; "host" uses the machine's own server as it is configured.
+#   BENCH_LAYOUT: "pinned" (default) runs the broker alone on one CPU and PostgreSQL, the
+#   bench and silverguard on the others, as docs/deployment.md recommends for a small node;
+#   "shared" lets every process run on every CPU (scripts/lib.sh, bench_cpu_layout).
 # Exit status: 0 pass, 2 an SOS or a heartbeat was lost, 1 the bench could not run.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -31,13 +34,15 @@ log "cargo build --release -p firmware-sim -p silverguard"
 cargo build --release --locked -p firmware-sim -p silverguard
 
 mkdir -p "$(dirname "$JSON")" "$(dirname "$PNG")" target/bench
+trap bench_cpu_unpin EXIT
+bench_cpu_layout "$PORT"
 log "bracelet-sim bench (ramp) $*"
 status=0
 # The bench on one runtime thread, as in every run of docs/performance.md since the fourth
 # round: it leaves more of the two cores to the broker, PostgreSQL and silverguard.
 # After the ramp, up to three refinement steps (--refine, the default) halve the gap between
 # the highest sustained rate and the first one that was not.
-TOKIO_WORKER_THREADS="${TOKIO_WORKER_THREADS:-1}" target/release/bracelet-sim bench \
+TOKIO_WORKER_THREADS="${TOKIO_WORKER_THREADS:-1}" "${BENCH_ON_REST[@]}" target/release/bracelet-sim bench \
   --mqtt-url "mqtt://127.0.0.1:$PORT" \
   --pg-base "$SILVERGUARD_PG_BASE" \
   --silverguard-bin target/release/silverguard \

@@ -181,3 +181,55 @@ ensure_chromium() {
   apt_install chromium chromium-driver fonts-noto-cjk
   [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || die "chromium or chromedriver missing after install"
 }
+
+# The CPU layout of a benchmark (docs/deployment.md, "Give the broker a core of its own"):
+# with BENCH_LAYOUT=pinned (the default) and at least two CPUs, the broker on port $1 runs
+# alone on the first CPU this shell may use, and the PostgreSQL server of SILVERGUARD_PG_BASE
+# (its postmaster and every process it has forked or will fork) on the others; the bench
+# must then be started with "${BENCH_ON_REST[@]}" before it, so it and the silverguard it
+# starts stay off the broker's CPU too. BENCH_LAYOUT=shared leaves every process free to run
+# anywhere, as the rounds of docs/performance.md before the twelfth did. bench_cpu_unpin puts
+# the broker and the server back on every CPU; the scripts call it on exit, so a
+# `bracelet-sim bench` run by hand afterwards finds the machine as it was.
+BENCH_ON_REST=()
+BENCH_PINNED_PIDS=()
+bench_cpu_layout() {
+  local port=$1 layout=${BENCH_LAYOUT:-pinned} cpus=() part lo hi c rest datadir postmaster broker
+  case "$layout" in
+    pinned|shared) ;;
+    *) die "BENCH_LAYOUT must be pinned or shared, not $layout" ;;
+  esac
+  [ "$layout" = pinned ] || { log "CPU layout: shared (every process on every CPU)"; return 0; }
+  command -v taskset >/dev/null || apt_install util-linux
+  for part in $(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status | tr ',' ' '); do
+    lo=${part%-*}; hi=${part#*-}
+    for ((c = lo; c <= hi; c++)); do cpus+=("$c"); done
+  done
+  if [ ${#cpus[@]} -lt 2 ]; then
+    log "CPU layout: shared (one CPU: nothing to pin)"
+    return 0
+  fi
+  rest=$(IFS=,; echo "${cpus[*]:1}")
+  broker=$(cat "$RUN_DIR/mosquitto-$port/pid" 2>/dev/null) || die "no pid file for the broker on port $port"
+  datadir=$(psql "$SILVERGUARD_PG_BASE/postgres" -qtAc 'SHOW data_directory') \
+    || die "cannot ask PostgreSQL for its data directory"
+  postmaster=$($SUDO head -n1 "$datadir/postmaster.pid") || die "cannot read $datadir/postmaster.pid"
+  $SUDO taskset -a -p -c "${cpus[0]}" "$broker" >/dev/null || die "cannot pin the broker ($broker)"
+  BENCH_PINNED_PIDS=("$broker" "$postmaster")
+  # The postmaster's children: new backends inherit its mask, running ones are set here.
+  for c in "$postmaster" $(pgrep -P "$postmaster"); do
+    $SUDO taskset -a -p -c "$rest" "$c" >/dev/null 2>&1 || true
+    BENCH_PINNED_PIDS+=("$c")
+  done
+  BENCH_ON_REST=(taskset -c "$rest")
+  log "CPU layout: pinned (the broker on CPU ${cpus[0]}; PostgreSQL, the bench and silverguard on CPU $rest)"
+}
+bench_cpu_unpin() {
+  local all pid
+  [ ${#BENCH_PINNED_PIDS[@]} -gt 0 ] || return 0
+  all=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status)
+  for pid in "${BENCH_PINNED_PIDS[@]}" $(pgrep -P "${BENCH_PINNED_PIDS[1]}" 2>/dev/null); do
+    $SUDO taskset -a -p -c "$all" "$pid" >/dev/null 2>&1 || true
+  done
+  BENCH_PINNED_PIDS=()
+}

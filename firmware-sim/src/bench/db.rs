@@ -118,6 +118,23 @@ impl Server {
         }
     }
 
+    /// The CPUs the bench's own backend may run on, when the server runs on this machine
+    /// (a backend inherits its list from the postmaster, so this is the server's layout).
+    pub async fn local_backend_cpus(&self) -> Option<String> {
+        let row = self
+            .admin
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .ok()?;
+        let pid: i32 = row.try_get(0).ok()?;
+        let pid = u32::try_from(pid).ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim_end() != "postgres" {
+            return None;
+        }
+        super::service::cpus_allowed(pid)
+    }
+
     /// Creates `name`; fails if it exists (a bench never reuses a database).
     pub async fn create(&self, name: &str) -> Result<(), BenchError> {
         self.admin

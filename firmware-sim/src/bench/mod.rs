@@ -533,6 +533,7 @@ async fn run_in(
     report.elapsed_s = started.elapsed().as_secs_f64();
     report.machine.postgres_version = server.version().await;
     report.machine.postgres_settings = server.write_settings().await;
+    report.machine.cpus.postgres = server.local_backend_cpus().await;
     report.settings.database = name.to_string();
     report.settings.kept_database = cfg.keep_db;
     report.usage.service_log = logs;
@@ -922,6 +923,9 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
     report.machine.kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .ok()
         .map(|s| s.trim().to_string());
+    report.machine.cpus.broker = service::cpus_allowed_by_command("mosquitto");
+    report.machine.cpus.bench = service::cpus_allowed(std::process::id());
+    report.machine.cpus.silverguard = pids.first().and_then(|p| service::cpus_allowed(*p));
     report.settings = report::Settings {
         smoke: cfg.smoke,
         offered_rate_per_s: cfg.rate,

@@ -30,6 +30,39 @@ pub struct Machine {
     pub broker_stored_messages_at_start: Option<u64>,
     /// `$SYS/broker/clients/disconnected` when the bench started.
     pub broker_disconnected_clients_at_start: Option<u64>,
+    /// Which CPUs each program may run on: whether the run had the broker on a core of its
+    /// own (`scripts/lib.sh` `bench_cpu_layout`, docs/deployment.md) or shared every core.
+    pub cpus: CpuLayout,
+}
+
+/// CPU lists as `/proc/<pid>/status` gives them (`Cpus_allowed_list`, e.g. `0-1`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuLayout {
+    /// Every `mosquitto` process here, distinct lists (empty: the broker is not on this machine).
+    pub broker: Vec<String>,
+    /// The bench's own backend, whose list it inherited from the postmaster (`None`: the
+    /// server is not on this machine).
+    pub postgres: Option<String>,
+    pub bench: Option<String>,
+    pub silverguard: Option<String>,
+}
+
+impl CpuLayout {
+    /// One line for the human report: `broker 0; PostgreSQL 1; bench 1; silverguard 1`.
+    pub fn line(&self) -> String {
+        let one = |v: &Option<String>| v.clone().unwrap_or_else(|| "?".into());
+        format!(
+            "broker {}; PostgreSQL {}; bench {}; silverguard {}",
+            if self.broker.is_empty() {
+                "?".to_string()
+            } else {
+                self.broker.join(" and ")
+            },
+            one(&self.postgres),
+            one(&self.bench),
+            one(&self.silverguard)
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -563,6 +596,7 @@ impl BenchReport {
                 .collect();
             let _ = writeln!(o, "PostgreSQL settings: {}", settings.join(" "));
         }
+        let _ = writeln!(o, "CPUs each may use: {}", m.cpus.line());
         if let Some(n) = m
             .broker_stored_messages_at_start
             .filter(|n| *n > super::sos::STORED_MESSAGES_WARNING)
@@ -1047,6 +1081,32 @@ mod tests {
         r.sos_loaded.delivered = 3;
         r.sos_loaded.latency.p99_ms = Some(p99);
         r
+    }
+
+    #[test]
+    fn the_cpu_layout_is_one_line_and_says_what_it_does_not_know() {
+        let pinned = CpuLayout {
+            broker: vec!["0".into()],
+            postgres: Some("1".into()),
+            bench: Some("1".into()),
+            silverguard: Some("1".into()),
+        };
+        assert_eq!(
+            pinned.line(),
+            "broker 0; PostgreSQL 1; bench 1; silverguard 1"
+        );
+        let two_brokers = CpuLayout {
+            broker: vec!["0".into(), "0-1".into()],
+            ..CpuLayout::default()
+        };
+        assert_eq!(
+            two_brokers.line(),
+            "broker 0 and 0-1; PostgreSQL ?; bench ?; silverguard ?"
+        );
+        assert_eq!(
+            CpuLayout::default().line(),
+            "broker ?; PostgreSQL ?; bench ?; silverguard ?"
+        );
     }
 
     #[test]

@@ -344,32 +344,52 @@ impl Services {
     }
 }
 
-/// User + system CPU ticks, summed, of every process on this machine whose command name
-/// (`/proc/<pid>/comm`) is `name`: `mosquitto` for the broker, `postgres` for the whole
-/// PostgreSQL server (postmaster, backends, WAL writer, checkpointer, autovacuum). `None` when
-/// no such process runs here (a remote broker or database). A process that exits between
-/// two samples takes its ticks with it, so short-lived backends are not counted.
+/// Every process on this machine whose command name (`/proc/<pid>/comm`) is `name`:
+/// `mosquitto` for the broker, `postgres` for the whole PostgreSQL server (postmaster,
+/// backends, WAL writer, checkpointer, autovacuum). Empty when none runs here (a remote
+/// broker or database).
+pub fn pids_by_command(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .collect()
+}
+
+/// User + system CPU ticks, summed, of every process named `name` ([`pids_by_command`]).
+/// `None` when no such process runs here. A process that exits between two samples takes
+/// its ticks with it, so short-lived backends are not counted.
 pub fn ticks_by_command(name: &str) -> Option<u64> {
-    let mut total = None;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let pid = entry.file_name();
-        let Some(pid) = pid
-            .to_str()
-            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
-            continue;
-        };
-        if comm.trim_end() != name {
-            continue;
-        }
-        if let Some(t) = pid.parse().ok().and_then(process_ticks) {
-            total = Some(total.unwrap_or(0) + t);
-        }
-    }
-    total
+    pids_by_command(name)
+        .into_iter()
+        .filter_map(process_ticks)
+        .reduce(|a, b| a + b)
+}
+
+/// The CPUs a process may run on (`Cpus_allowed_list` of `/proc/<pid>/status`, e.g. `0-1`).
+pub fn cpus_allowed(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_string())
+}
+
+/// The distinct CPU lists of every process named `name`, sorted (several when, say, two
+/// brokers run here with different layouts).
+pub fn cpus_allowed_by_command(name: &str) -> Vec<String> {
+    let mut lists: Vec<String> = pids_by_command(name)
+        .into_iter()
+        .filter_map(cpus_allowed)
+        .collect();
+    lists.sort();
+    lists.dedup();
+    lists
 }
 
 /// User + system CPU ticks of several processes together (`None` when one cannot be read).
@@ -420,5 +440,20 @@ mod tests {
         let own = process_ticks(std::process::id()).unwrap();
         assert!(ticks_by_command(comm.trim_end()).is_some_and(|t| t >= own));
         assert_eq!(ticks_by_command("no-such-command-here"), None);
+    }
+
+    #[test]
+    fn the_cpus_a_process_may_use_are_read() {
+        let own = cpus_allowed(std::process::id()).unwrap();
+        assert!(
+            !own.is_empty()
+                && own
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b == b'-' || b == b',')
+        );
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        assert!(cpus_allowed_by_command(comm.trim_end()).contains(&own));
+        assert!(cpus_allowed_by_command("no-such-command-here").is_empty());
+        assert_eq!(cpus_allowed(u32::MAX), None);
     }
 }
