@@ -16,6 +16,17 @@ import sys
 from pip_ensure import ensure
 
 
+def layout(m):
+    """How the run used the machine's cores (machine.cpus, recorded since the twelfth round)."""
+    cpus = m.get("cpus") or {}
+    pg, bench = cpus.get("postgres"), cpus.get("bench")
+    broker = [b for b in cpus.get("broker") or [] if b != pg]
+    if pg and pg == bench and broker:
+        return (f"{m.get('nproc')} cores: broker on CPU {broker[0]}; "
+                f"PostgreSQL, bench and service on CPU {pg}")
+    return f"{m.get('nproc')} cores shared by broker, PostgreSQL, bench and service"
+
+
 def main():
     argv = sys.argv[1:]
     opts = {}
@@ -127,7 +138,7 @@ def main():
     m = r.get("machine", {})
     fig.suptitle(title or (
         f"silverguard ingest: {s.get('devices')} bracelets over {s.get('connections')} "
-        f"MQTT connections, {m.get('nproc')} cores shared by broker, PostgreSQL, bench and service"
+        f"MQTT connections, {layout(m)}"
     ), fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

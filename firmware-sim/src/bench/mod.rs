@@ -915,7 +915,13 @@ async fn measure(x: Ctx<'_>, service: &mut service::Services) -> Result<BenchRep
         tool: format!("bracelet-sim {} bench", env!("CARGO_PKG_VERSION")),
         ..BenchReport::default()
     };
-    report.machine.nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The machine's CPUs, not the ones this process may use: the scripts may have pinned the
+    // bench off the broker's CPU (machine.cpus says which).
+    report.machine.nproc = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|l| stats::count_cpu_list(&l))
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(0);
     report.machine.mem_total_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| stats::parse_kib_field(&s, "MemTotal"))

@@ -134,6 +134,18 @@ pub fn parse_proc_stat_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// How many CPUs a kernel CPU list names (`0-1`, `0,2-3`: the format of
+/// `/sys/devices/system/cpu/online` and of `Cpus_allowed_list`).
+pub fn count_cpu_list(list: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in list.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (usize, usize) = (lo.parse().ok()?, hi.parse().ok()?);
+        n += hi.checked_sub(lo)? + 1;
+    }
+    Some(n)
+}
+
 /// A `kB` field (`VmHWM`, `VmRSS`, `MemTotal`) of `/proc/<pid>/status` or `/proc/meminfo`,
 /// in KiB.
 pub fn parse_kib_field(text: &str, field: &str) -> Option<u64> {
@@ -375,6 +387,16 @@ pub fn scalar(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(count_cpu_list("0-1\n"), Some(2));
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0,2-3,7"), Some(4));
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("x"), None);
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
