@@ -183,25 +183,45 @@ ensure_chromium() {
 }
 
 # The CPU layout of a benchmark (docs/deployment.md, "Give the broker a core of its own"):
-# with BENCH_LAYOUT=pinned (the default) and at least two CPUs, the broker on port $1 runs
-# alone on the first CPU this shell may use, and the PostgreSQL server of SILVERGUARD_PG_BASE
-# (its postmaster and every process it has forked or will fork) on the others; the bench
-# must then be started with "${BENCH_ON_REST[@]}" before it, so it and the silverguard it
-# starts stay off the broker's CPU too. BENCH_LAYOUT=shared leaves every process free to run
-# anywhere, as the rounds of docs/performance.md before the twelfth did. bench_cpu_unpin puts
-# the broker and the server back on every CPU; the scripts call it on exit, so a
-# `bracelet-sim bench` run by hand afterwards finds the machine as it was.
+# with BENCH_LAYOUT=pinned (the default) and at least two CPUs, the bench broker on port $1
+# runs alone among the bench's programs on the first CPU this shell may use, and the
+# bench's own PostgreSQL cluster (its postmaster, so every process it has forked or will
+# fork) on the others; the bench must then be started with "${BENCH_ON_REST[@]}" before it,
+# so it and the silverguard it starts stay off the broker's CPU too. Only processes the
+# scripts started are touched: with BENCH_PG=host the machine's own server is shared with
+# others, so nothing is pinned. BENCH_LAYOUT=shared lets every process run on every CPU
+# this shell may use, as in the rounds of docs/performance.md before the twelfth, and
+# undoes a pin an interrupted run left behind. bench_cpu_unpin gives each pinned process
+# back the CPU list it had; the scripts call it on exit.
 BENCH_ON_REST=()
-BENCH_PINNED_PIDS=()
+BENCH_PINNED=()   # "pid list" pairs: what to give back
 bench_cpu_layout() {
-  local port=$1 layout=${BENCH_LAYOUT:-pinned} cpus=() part lo hi c rest datadir postmaster broker
+  local port=$1 layout=${BENCH_LAYOUT:-pinned} cpus=() part lo hi c rest all datadir postmaster broker
   case "$layout" in
     pinned|shared) ;;
     *) die "BENCH_LAYOUT must be pinned or shared, not $layout" ;;
   esac
-  [ "$layout" = pinned ] || { log "CPU layout: shared (every process on every CPU)"; return 0; }
   command -v taskset >/dev/null || apt_install util-linux
-  for part in $(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status | tr ',' ' '); do
+  all=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status)
+  broker=$(cat "$RUN_DIR/mosquitto-$port/pid" 2>/dev/null) || die "no pid file for the broker on port $port"
+  postmaster=""
+  if [ "${BENCH_PG:-dedicated}" = dedicated ]; then
+    datadir=$(psql "$SILVERGUARD_PG_BASE/postgres" -qtAc 'SHOW data_directory') \
+      || die "cannot ask PostgreSQL for its data directory"
+    postmaster=$($SUDO head -n1 "$datadir/postmaster.pid") || die "cannot read $datadir/postmaster.pid"
+  fi
+  if [ "$layout" = shared ]; then
+    for c in "$broker" $postmaster ${postmaster:+$(pgrep -P "$postmaster")}; do
+      $SUDO taskset -a -p -c "$all" "$c" >/dev/null 2>&1 || true
+    done
+    log "CPU layout: shared (every process on CPU $all)"
+    return 0
+  fi
+  if [ -z "$postmaster" ]; then
+    log "CPU layout: shared (BENCH_PG=host: the machine's own server is not pinned)"
+    return 0
+  fi
+  for part in ${all//,/ }; do
     lo=${part%-*}; hi=${part#*-}
     for ((c = lo; c <= hi; c++)); do cpus+=("$c"); done
   done
@@ -210,26 +230,30 @@ bench_cpu_layout() {
     return 0
   fi
   rest=$(IFS=,; echo "${cpus[*]:1}")
-  broker=$(cat "$RUN_DIR/mosquitto-$port/pid" 2>/dev/null) || die "no pid file for the broker on port $port"
-  datadir=$(psql "$SILVERGUARD_PG_BASE/postgres" -qtAc 'SHOW data_directory') \
-    || die "cannot ask PostgreSQL for its data directory"
-  postmaster=$($SUDO head -n1 "$datadir/postmaster.pid") || die "cannot read $datadir/postmaster.pid"
-  $SUDO taskset -a -p -c "${cpus[0]}" "$broker" >/dev/null || die "cannot pin the broker ($broker)"
-  BENCH_PINNED_PIDS=("$broker" "$postmaster")
-  # The postmaster's children: new backends inherit its mask, running ones are set here.
-  for c in "$postmaster" $(pgrep -P "$postmaster"); do
-    $SUDO taskset -a -p -c "$rest" "$c" >/dev/null 2>&1 || true
-    BENCH_PINNED_PIDS+=("$c")
-  done
+  bench_cpu_pin "$broker" "${cpus[0]}" || die "cannot pin the broker ($broker) to CPU ${cpus[0]}"
+  bench_cpu_pin "$postmaster" "$rest" || die "cannot pin PostgreSQL ($postmaster) to CPU $rest"
+  # Running children are set here (one may exit meanwhile); new ones inherit the postmaster's.
+  for c in $(pgrep -P "$postmaster"); do bench_cpu_pin "$c" "$rest" || true; done
   BENCH_ON_REST=(taskset -c "$rest")
   log "CPU layout: pinned (the broker on CPU ${cpus[0]}; PostgreSQL, the bench and silverguard on CPU $rest)"
 }
+# Pins every thread of process $1 to CPU list $2, remembering the list it had.
+bench_cpu_pin() {
+  local had
+  had=$(taskset -c -p "$1" 2>/dev/null | awk '{print $NF}') && [ -n "$had" ] || return 1
+  $SUDO taskset -a -p -c "$2" "$1" >/dev/null 2>&1 || return 1
+  BENCH_PINNED+=("$1 $had")
+}
 bench_cpu_unpin() {
-  local all pid
-  [ ${#BENCH_PINNED_PIDS[@]} -gt 0 ] || return 0
-  all=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status)
-  for pid in "${BENCH_PINNED_PIDS[@]}" $(pgrep -P "${BENCH_PINNED_PIDS[1]}" 2>/dev/null); do
-    $SUDO taskset -a -p -c "$all" "$pid" >/dev/null 2>&1 || true
+  local entry pid had c
+  for entry in "${BENCH_PINNED[@]}"; do
+    pid=${entry% *}; had=${entry#* }
+    $SUDO taskset -a -p -c "$had" "$pid" >/dev/null 2>&1 || true
   done
-  BENCH_PINNED_PIDS=()
+  # Backends forked during the run inherited the pinned list; they get the postmaster's.
+  if [ ${#BENCH_PINNED[@]} -ge 2 ]; then
+    pid=${BENCH_PINNED[1]% *}; had=${BENCH_PINNED[1]#* }
+    for c in $(pgrep -P "$pid"); do $SUDO taskset -a -p -c "$had" "$c" >/dev/null 2>&1 || true; done
+  fi
+  BENCH_PINNED=()
 }
