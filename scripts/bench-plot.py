@@ -22,8 +22,8 @@ def layout(m):
     pg, bench = cpus.get("postgres"), cpus.get("bench")
     broker = [b for b in cpus.get("broker") or [] if b != pg]
     if pg and pg == bench and broker:
-        return (f"{m.get('nproc')} cores: broker on CPU {broker[0]}; "
-                f"PostgreSQL, bench and service on CPU {pg}")
+        return (f"{m.get('nproc')} cores: broker on CPU {broker[0]}, "
+                f"the rest on CPU {pg}")
     return f"{m.get('nproc')} cores shared by broker, PostgreSQL, bench and service"
 
 
