@@ -42,7 +42,7 @@ status=0
 # round: it leaves more of the two cores to the broker, PostgreSQL and silverguard.
 # After the ramp, up to three refinement steps (--refine, the default) halve the gap between
 # the highest sustained rate and the first one that was not.
-TOKIO_WORKER_THREADS="${TOKIO_WORKER_THREADS:-1}" "${BENCH_ON_REST[@]}" target/release/bracelet-sim bench \
+TOKIO_WORKER_THREADS="${TOKIO_WORKER_THREADS:-1}" bench_run "${BENCH_ON_REST[@]}" target/release/bracelet-sim bench \
   --mqtt-url "mqtt://127.0.0.1:$PORT" \
   --pg-base "$SILVERGUARD_PG_BASE" \
   --silverguard-bin target/release/silverguard \

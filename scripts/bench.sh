@@ -38,7 +38,7 @@ case " $* " in *" --smoke "*) BENCH_LAYOUT=shared ;; esac
 trap bench_cpu_unpin EXIT
 bench_cpu_layout "$PORT"
 log "bracelet-sim bench $*"
-"${BENCH_ON_REST[@]}" target/release/bracelet-sim bench \
+bench_run "${BENCH_ON_REST[@]}" target/release/bracelet-sim bench \
   --mqtt-url "mqtt://127.0.0.1:$PORT" \
   --pg-base "$SILVERGUARD_PG_BASE" \
   --silverguard-bin target/release/silverguard \

@@ -237,6 +237,26 @@ bench_cpu_layout() {
   BENCH_ON_REST=(taskset -c "$rest")
   log "CPU layout: pinned (the broker on CPU ${cpus[0]}; PostgreSQL, the bench and silverguard on CPU $rest)"
 }
+# Runs the bench ("$@") as a child and waits for it, passing SIGINT, SIGTERM and SIGHUP on:
+# the scripts cannot `exec` it, because their EXIT trap must give the CPUs back after it
+# ends, and a signal to the script alone would otherwise leave the bench (and the
+# silverguard it started) running. The bench cleans up on the first signal and ignores
+# more, so a Ctrl-C that reaches both is harmless. Returns the bench's exit status.
+bench_run() {
+  local child status=0
+  "$@" &
+  child=$!
+  trap 'kill -INT "$child" 2>/dev/null || true' INT
+  trap 'kill -TERM "$child" 2>/dev/null || true' TERM HUP
+  # wait returns early when a trapped signal arrives; wait again until the child is gone.
+  while :; do
+    status=0
+    wait "$child" || status=$?
+    kill -0 "$child" 2>/dev/null || break
+  done
+  trap - INT TERM HUP
+  return "$status"
+}
 # Pins every thread of process $1 to CPU list $2, remembering the list it had.
 bench_cpu_pin() {
   local had
