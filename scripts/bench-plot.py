@@ -79,17 +79,18 @@ def main():
     for key, field, color, what in lines:
         # Reports written before the broker's fixed-rate probes have only the flood's figure.
         v = (b.get(key) or {}).get(field) or (b.get(key) or {}).get("received_per_s" if key == "broker" else field)
-        after = b.get("broker_after") or {}
-        if key == "broker" and after.get(field):
-            # Measured again after the ramp (eleventh round): the ratio uses the higher of two
-            # limits of the same kind, else the one a probe held (report.rs, broker_limit).
-            before = b.get("broker") or {}
-            if not before:
-                v, what = after[field], what + ", after the ramp"
-            elif before.get("limit_held") == after.get("limit_held"):
-                v, what = max(v or 0, after[field]), what + ", higher of before/after"
-            elif after.get("limit_held"):
-                v, what = after[field], what + ", after the ramp"
+        if key == "broker":
+            # The limit the broker ratio is against (report.rs, broker_limit: since the
+            # eleventh round the higher of the limits measured before and after the ramp).
+            # Reports before ratios.broker_limit_per_s give it as best sustained / ratio.
+            q = r.get("ratios") or {}
+            limit = q.get("broker_limit_per_s") or (
+                q["silverguard_per_s"] / q["vs_broker"]
+                if q.get("silverguard_per_s") and q.get("vs_broker") else None)
+            if limit:
+                v = limit
+                if b.get("broker_after"):
+                    what += ", the ratio's limit of before/after"
         if v:
             top.axhline(v / 1000, color=color, ls="--", label=f"{what}: {v / 1000:.1f}k/s")
     top.set_ylabel("heartbeats/s (thousands)")

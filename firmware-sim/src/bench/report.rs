@@ -306,6 +306,9 @@ pub struct Ratios {
     /// step was sustained.
     pub silverguard_per_s: f64,
     pub vs_broker: Option<f64>,
+    /// The broker limit `vs_broker` is against ([`broker_limit`]), for readers of the JSON
+    /// (`scripts/bench-plot.py`) that should not restate the rule.
+    pub broker_limit_per_s: Option<f64>,
     pub vs_copy: Option<f64>,
     pub vs_naive: Option<f64>,
     /// Against the slower of the broker and COPY limits (issue 5: ≥ 0.8).
@@ -500,6 +503,7 @@ impl BenchReport {
         self.ratios = Ratios {
             silverguard_per_s: best,
             vs_broker: ratio(broker),
+            broker_limit_per_s: broker,
             vs_copy: ratio(copy),
             vs_naive: ratio(b.naive.as_ref().map(|x| x.committed_per_s)),
             vs_slower_limit: ratio(slower),
@@ -1203,6 +1207,7 @@ mod tests {
         r.baselines.broker_after = Some(broker(56_000.0));
         r.judge();
         assert_eq!(r.ratios.vs_slower_limit, Some(44_000.0 / 56_000.0));
+        assert_eq!(r.ratios.broker_limit_per_s, Some(56_000.0));
         assert_eq!(r.targets5.ratio_80_percent, Some(false));
         // Within 10 %: said, not warned about.
         r.baselines.broker_after = Some(broker(53_000.0));
@@ -1216,6 +1221,7 @@ mod tests {
         r.baselines.broker_after = Some(flood);
         r.judge();
         assert_eq!(r.ratios.vs_slower_limit, Some(0.88));
+        assert_eq!(r.ratios.broker_limit_per_s, Some(50_000.0));
         assert_eq!(r.ratios.broker_limit_change, None);
         assert!(r.table().contains("the two limits are of different kinds"));
         // Only the later one (the first could not run).
